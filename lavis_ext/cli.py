@@ -1,0 +1,132 @@
+"""Entry points: `train.py`, `evaluate.py` and the `lavis-ext` command.
+
+LAVIS's train.py has no hook for third-party modules, hard-codes nccl, and lives outside its wheel,
+so this is our own small version of it: parse (LAVIS's `--cfg-path` / `--options`), check the
+config strictly, initialise distributed (gloo on CPU, nccl on GPU), seed, build task, datasets and
+model, and hand over to the registered runner. Functions take `argv` so tests run the real path
+in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lavis_ext  # noqa: F401  (shims + registration before anything LAVIS is resolved)
+from lavis_ext import dist as ext_dist
+
+logger = logging.getLogger("lavis_ext")
+
+
+def parse_args(argv=None, description="lavis-ext"):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="path to the project YAML")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=None,
+        help="override config entries, e.g. --options run.max_epoch=2 run.output_dir=runs/x",
+    )
+    return parser.parse_args(argv)
+
+
+def load_config(args):
+    """Strict names check on the raw YAML, LAVIS's 3-level merge, then the strict keys check."""
+    from lavis.common.config import Config
+    from omegaconf import OmegaConf
+
+    from lavis_ext.config import check_keys, check_names
+
+    cfg_path = Path(args.cfg_path)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} does not exist")
+    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(args.options or [])))
+    check_names(raw)
+    cfg = Config(args)
+    check_keys(cfg)
+    return cfg
+
+
+def setup_seeds(seed: int) -> None:
+    seed = int(seed) + ext_dist.rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging() -> None:
+    level = logging.INFO if ext_dist.is_main() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _add_log_file(output_dir: Path) -> logging.Handler | None:
+    if not ext_dist.is_main():
+        return None
+    handler = logging.FileHandler(output_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def build_runner(cfg, job_id: str):
+    from lavis import tasks
+    from lavis.common.registry import registry
+
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
+    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+
+
+def _run(argv, description, action):
+    args = parse_args(argv, description)
+    cfg = load_config(args)
+    ext_dist.init_distributed(cfg.run_cfg)
+    setup_logging()
+    setup_seeds(cfg.run_cfg.get("seed", 42))
+    job_id = datetime.now().strftime("%Y%m%d%H%M%S")
+    runner = build_runner(cfg, job_id)
+    handler = _add_log_file(Path(runner.output_dir))
+    try:
+        result = action(runner)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    if ext_dist.is_main():
+        print(f"run directory: {runner.output_dir}", flush=True)
+    return runner, result
+
+
+def train(argv=None):
+    """Train (and validate/test) as the project YAML says. Returns the runner."""
+    runner, _ = _run(argv, "Train a model with a LAVIS project file.", lambda r: r.train())
+    return runner
+
+
+def evaluate(argv=None):
+    """Evaluate the configured model on `run.test_splits`. Returns (runner, {split: metrics})."""
+    return _run(argv, "Evaluate a model with a LAVIS project file.", lambda r: r.evaluate(skip_reload=True))
+
+
+def main(argv=None) -> int:
+    """`lavis-ext {train,evaluate,data} ...`"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train, "evaluate": evaluate}
+    if argv and argv[0] == "data":
+        from lavis_ext.datasets.synthetic import main as data_main
+
+        return data_main(argv[1:]) or 0
+    if not argv or argv[0] not in commands:
+        print("usage: lavis-ext {train,evaluate,data} ...", file=sys.stderr)
+        return 2
+    commands[argv[0]](argv[1:])
+    ext_dist.shutdown()
+    return 0

@@ -1,0 +1,112 @@
+"""Strict checks of a project config, so a typo fails before any data or model is built.
+
+LAVIS returns None for an unknown registry name and fails much later (`TypeError: 'NoneType' object
+is not callable`), and it silently ignores unknown keys (a misspelt `max_epochs` trains with the
+default). `check_names` runs on the raw YAML (before LAVIS's `Config` resolves model types);
+`check_keys` runs on the merged config. Both raise :class:`ConfigError` naming the bad value and the
+closest valid ones.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+from lavis.common.registry import registry
+
+
+class ConfigError(ValueError):
+    """A project config names something that does not exist."""
+
+
+RUN_KEYS = {
+    # what LAVIS's runners and tasks read
+    "task", "runner", "lr_sched", "init_lr", "min_lr", "warmup_lr", "warmup_steps", "weight_decay",
+    "lr_decay_rate", "beta2", "max_epoch", "max_iters", "iters_per_inner_epoch", "batch_size_train",
+    "batch_size_eval", "num_workers", "accum_grad_iters", "max_len", "min_len", "num_beams", "seed",
+    "output_dir", "amp", "resume_ckpt_path", "evaluate", "train_splits", "valid_splits", "test_splits",
+    "device", "world_size", "dist_url", "distributed", "use_dist_eval_sampler", "log_freq",
+    "report_metric", "prompt", "inference_method", "num_ans_candidates", "train_dataset_ratios",
+    "k_test", "save_freq",
+    # ours
+    "amp_dtype", "max_grad_norm", "constant_baseline", "length_penalty", "dist_timeout_s",
+    # written by distributed init
+    "rank", "gpu", "dist_backend",
+}
+
+MODEL_KEYS = {
+    "arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned",
+    "vit_model", "vit_config", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
+    "freeze_vit", "num_query_token", "cross_attention_freq", "embed_dim", "max_txt_len", "prompt",
+    "qformer_tokenizer", "qformer_model", "qformer_config",
+    "opt_model", "opt_tokenizer", "opt_config", "t5_model", "t5_tokenizer", "t5_config",
+    "freeze_llm", "llm_precision", "apply_lemmatizer",
+}
+
+DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "shuffle_buffer", "prompt", "type"}
+
+
+def _fail(kind: str, value, valid: Iterable[str], where: str) -> None:
+    valid = sorted(str(v) for v in valid)
+    close = difflib.get_close_matches(str(value), valid, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"valid: {', '.join(valid[:30])}"
+    raise ConfigError(f"unknown {kind} {value!r} at {where}; {hint}")
+
+
+def _mapping(name: str) -> dict:
+    return registry.mapping[name]
+
+
+def check_names(raw) -> None:
+    """Registry names in a project YAML (an OmegaConf node with model/datasets/run)."""
+    model = raw.get("model") or {}
+    arch = model.get("arch")
+    if arch is None:
+        raise ConfigError("model.arch is missing; e.g. arch: blip2_opt_ext")
+    if arch not in _mapping("model_name_mapping"):
+        _fail("model arch", arch, _mapping("model_name_mapping"), "model.arch")
+    model_cls = _mapping("model_name_mapping")[arch]
+    model_type = model.get("model_type")
+    if model_type is not None and model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
+        _fail(f"model_type for {arch}", model_type, model_cls.PRETRAINED_MODEL_CONFIG_DICT, "model.model_type")
+    datasets = raw.get("datasets") or {}
+    if not datasets:
+        raise ConfigError("no datasets: the project needs a `datasets:` section")
+    for name, dcfg in datasets.items():
+        if name not in _mapping("builder_name_mapping"):
+            _fail("dataset builder", name, _mapping("builder_name_mapping"), f"datasets.{name}")
+        _check_processors(dcfg or {}, f"datasets.{name}")
+    run = raw.get("run") or {}
+    for key, mapping, default in (
+        ("task", "task_name_mapping", None),
+        ("runner", "runner_name_mapping", "runner_base"),
+        ("lr_sched", "lr_scheduler_name_mapping", None),
+    ):
+        value = run.get(key, default)
+        if value is None and key == "lr_sched" and run.get("evaluate", False):
+            continue  # evaluation-only runs build no optimizer
+        if value is None:
+            raise ConfigError(f"run.{key} is missing; valid: {', '.join(sorted(_mapping(mapping)))}")
+        if value not in _mapping(mapping):
+            _fail(f"run.{key}", value, _mapping(mapping), f"run.{key}")
+
+
+def _check_processors(dcfg, where: str) -> None:
+    for kind in ("vis_processor", "text_processor"):
+        for split, pcfg in (dcfg.get(kind) or {}).items():
+            name = (pcfg or {}).get("name")
+            if name is not None and name not in _mapping("processor_name_mapping"):
+                _fail("processor", name, _mapping("processor_name_mapping"), f"{where}.{kind}.{split}.name")
+
+
+def check_keys(cfg) -> None:
+    """Keys of the merged LAVIS `Config` (run, model, datasets)."""
+    for key in cfg.run_cfg:
+        if key not in RUN_KEYS:
+            _fail("run key", key, RUN_KEYS, f"run.{key}")
+    for key in cfg.model_cfg:
+        if key not in MODEL_KEYS:
+            _fail("model key", key, MODEL_KEYS, f"model.{key}")
+    for name, dcfg in cfg.datasets_cfg.items():
+        for key in dcfg:
+            if key not in DATASET_KEYS:
+                _fail("dataset key", key, DATASET_KEYS, f"datasets.{name}.{key}")

@@ -1,0 +1,134 @@
+"""LAVIS builders ``wds_caption`` and ``wds_vqa``: webdataset shards -> :class:`WdsSplitDataset` per split.
+
+They override ``build_datasets`` because there is nothing to download and no annotation files: the
+shards carry their text, and the lengths come from ``sizes.json`` or the config. The split named
+``train`` is read in a ``*_train`` mode with shuffling; every other split in an ``*_eval`` mode, in order.
+
+``build_info`` keys (defaults in ``lavis_ext/configs/datasets/wds_{caption,vqa}/defaults.yaml``):
+``root`` (patterns and the sizes file are relative to it), ``sizes``, ``shards`` ({split: pattern};
+null = every split in the sizes file with its pattern), ``lengths`` ({split: N}, wins over the sizes
+file), ``split_by`` and ``seed`` (see :mod:`lavis_ext.datasets.wds_pipeline`).
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from pathlib import Path
+
+from lavis.common.registry import registry
+from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+from omegaconf import DictConfig, OmegaConf
+
+from lavis_ext.datasets.wds_pipeline import DEFAULT_VQA_PROMPT, MODES, WdsSplitDataset, read_sizes, split_length
+
+logger = logging.getLogger(__name__)
+
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "datasets"
+BUILD_INFO_KEYS = ("root", "sizes", "shards", "lengths", "split_by", "seed")
+
+
+class WdsBuilder(BaseDatasetBuilder):
+    """Shared logic; subclasses set ``kind`` ("caption" or "vqa") and the default YAML."""
+
+    kind = "caption"
+    DATASET_CONFIG_DICT: dict = {}
+
+    @property
+    def name(self) -> str:
+        return f"wds_{self.kind}"
+
+    def build_datasets(self) -> dict:
+        """Returns ``{split: WdsSplitDataset}``; no download and no barrier (every rank reads the shards).
+
+        Raises:
+            ValueError: unknown ``build_info`` keys, no splits, or a split with no known length.
+            FileNotFoundError: a shard pattern or the sizes file that is needed but missing.
+        """
+        self.build_processors()
+        info = self._build_info()
+        root = info.get("root")
+        sizes = self._sizes(info, root)
+        shards = info.get("shards") or {}
+        if not shards:
+            if sizes is None:
+                raise ValueError(
+                    f"datasets.{self.name}.build_info gives no shards and no sizes file; set build_info.shards "
+                    f"(e.g. {{train: 'train/shard-{{000000..000007}}.tar'}}) or build_info.sizes"
+                )
+            shards = {split: entry["shards"] for split, entry in sizes["splits"].items() if "shards" in entry}
+        if not shards:
+            raise ValueError(f"datasets.{self.name}: no splits to build (the sizes file lists no shard patterns)")
+        return {split: self._build_split(split, pattern, info, root, sizes) for split, pattern in shards.items()}
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _build_info(self) -> dict:
+        node = self.config.get("build_info") or {}
+        info = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        for key in info:
+            if key not in BUILD_INFO_KEYS:
+                close = difflib.get_close_matches(str(key), BUILD_INFO_KEYS, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(BUILD_INFO_KEYS)}"
+                raise ValueError(f"unknown key {key!r} in datasets.{self.name}.build_info; {hint}")
+        return info
+
+    def _sizes(self, info: dict, root) -> dict | None:
+        path = info.get("sizes")
+        if not path:
+            return None
+        if root is not None and not os.path.isabs(path):
+            path = os.path.join(str(root), path)
+        explicit = info.get("shards") and all(s in (info.get("lengths") or {}) for s in info["shards"])
+        if explicit and not os.path.isfile(path):
+            return None  # shards and lengths are all given: the sizes file is not needed
+        return read_sizes(path)  # a missing file raises FileNotFoundError naming the path and the fix
+
+    def _build_split(self, split: str, pattern, info: dict, root, sizes: dict | None) -> WdsSplitDataset:
+        train = split == "train"
+        mode = f"{self.kind}_{'train' if train else 'eval'}"
+        lengths = info.get("lengths") or {}
+        if split in lengths:
+            length = int(lengths[split])
+        elif sizes is not None and split in sizes["splits"]:
+            length = split_length(sizes, split, mode)
+        else:
+            raise ValueError(
+                f"datasets.{self.name}: split {split!r} has no length; set build_info.lengths.{split} "
+                f"(number of {MODES[mode]}) "
+                "or point build_info.sizes at a sizes.json that lists it"
+            )
+        proc = "train" if train else "eval"
+        kwargs = {}
+        if self.kind == "vqa":
+            kwargs["prompt"] = self.config.get("prompt", DEFAULT_VQA_PROMPT)
+        dataset = WdsSplitDataset(
+            urls=list(pattern) if isinstance(pattern, (list, tuple)) else pattern,
+            mode=mode,
+            vis_processor=self.vis_processors[proc],
+            text_processor=self.text_processors[proc],
+            length=length,
+            shuffle_buffer=int(self.config.get("shuffle_buffer", 1000)) if train else 0,
+            seed=int(info.get("seed") or 0),
+            root=root,
+            split_by=info.get("split_by") or "auto",
+            name=f"{self.name}/{split}",
+            **kwargs,
+        )
+        logger.info("built %r", dataset)
+        return dataset
+
+
+@registry.register_builder("wds_caption")
+class WdsCaptionBuilder(WdsBuilder):
+    """Captioning: train = (image, caption) pairs; val/test = images with all reference captions."""
+
+    kind = "caption"
+    DATASET_CONFIG_DICT = {"default": str(_CONFIGS / "wds_caption" / "defaults.yaml")}
+
+
+@registry.register_builder("wds_vqa")
+class WdsVQABuilder(WdsBuilder):
+    """VQA: one sample per question; train gives text_output, val/test all ten answers."""
+
+    kind = "vqa"
+    DATASET_CONFIG_DICT = {"default": str(_CONFIGS / "wds_vqa" / "defaults.yaml")}

@@ -1,0 +1,43 @@
+"""Stage-1 BLIP-2 (Q-Former with ITC/ITM/ITG) built through our component hooks.
+
+LAVIS's `Blip2Qformer.__init__` calls `init_tokenizer`, `init_vision_encoder` and `init_Qformer`
+through `self`, so only the config plumbing is ours. It needs a process group even with one
+process (`dist.get_rank()` in `forward`): `lavis_ext.dist.init_distributed` always creates one.
+"""
+from __future__ import annotations
+
+from lavis.common.registry import registry
+from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+
+from lavis_ext.models.components import Blip2ComponentsMixin, component_kwargs
+from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
+
+
+@registry.register_model("blip2_qformer_ext")
+class Blip2QformerExt(Blip2ComponentsMixin, Blip2Qformer):
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        **lavis_model_types(Blip2Qformer),
+        "tiny": tiny_config_path("blip2_qformer_tiny.yaml"),
+    }
+
+    def __init__(self, components=None, **kwargs):
+        self._remember_components(components)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_config(cls, cfg):
+        model = cls(
+            components=component_kwargs(cfg),
+            vit_model=cfg.get("vit_model", "eva_clip_g"),
+            img_size=cfg.get("image_size"),
+            drop_path_rate=cfg.get("drop_path_rate", 0),
+            use_grad_checkpoint=cfg.get("use_grad_checkpoint", False),
+            vit_precision=cfg.get("vit_precision", "fp16"),
+            freeze_vit=cfg.get("freeze_vit", True),
+            num_query_token=cfg.get("num_query_token"),
+            cross_attention_freq=cfg.get("cross_attention_freq", 2),
+            embed_dim=cfg.get("embed_dim", 256),
+            max_txt_len=cfg.get("max_txt_len", 32),
+        )
+        model.load_checkpoint_from_config(cfg)
+        return model

@@ -1,0 +1,215 @@
+"""Build each BLIP-2 component from its real source or from an inline (tiny) config.
+
+LAVIS 1.0.2 hard-codes hub names in its hooks (`BertTokenizer.from_pretrained("bert-base-uncased")`,
+`BertConfig.from_pretrained("bert-base-uncased")`) and always loads pretrained EVA/CLIP weights. The
+mixin below overrides those hooks, which LAVIS calls through `self`, so the model YAML decides:
+
+* ``qformer_tokenizer`` / ``qformer_model``: a hub name or local dir (real, as LAVIS does), or
+  ``qformer_model: null`` with ``qformer_config: {...}`` (random init, e.g. tiny);
+* ``vit_model``: ``eva_clip_g`` / ``clip_L`` (LAVIS's builders and URLs), or ``tiny`` with
+  ``vit_config: {...}`` (LAVIS's own EVA VisionTransformer class at a small size);
+* the LLM (``opt_model`` / ``t5_model`` or ``*_config``) is built by :func:`build_llm`.
+
+The mixin must come before the LAVIS class in the bases so its hooks win.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+TINY_VIT_DEFAULTS = {"patch_size": 8, "width": 64, "depth": 2, "heads": 4, "mlp_ratio": 4.0}
+QFORMER_CONFIG_KEYS = {
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "layer_norm_eps", "initializer_range",
+}
+
+
+def _plain(cfg: Any) -> dict:
+    """OmegaConf node or mapping -> plain dict (None -> {})."""
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    """'fp16'/'bf16'/'fp32' -> torch dtype, with an error naming the valid values."""
+    if name is None:
+        return default
+    if name not in DTYPES:
+        raise ValueError(f"unknown precision {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class Blip2ComponentsMixin:
+    """Config-driven overrides of LAVIS's `init_tokenizer`, `init_Qformer`, `init_vision_encoder`
+    and `load_checkpoint_from_config` hooks (see the module docstring)."""
+
+    def _remember_components(self, components: Mapping[str, Any] | None) -> None:
+        # Set before nn.Module.__init__ runs (the LAVIS __init__ calls the hooks), so plain object attr.
+        object.__setattr__(self, "_components", _plain(components))
+
+    def _component(self, key: str, default: Any = None) -> Any:
+        return getattr(self, "_components", {}).get(key, default)
+
+    # ---- hooks LAVIS calls through self -------------------------------------------------------
+    def init_tokenizer(self, *args, **kwargs):
+        from transformers import BertTokenizer
+
+        source = self._component("qformer_tokenizer") or "bert-base-uncased"
+        tokenizer = BertTokenizer.from_pretrained(source)
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        return tokenizer
+
+    def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
+        from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
+
+        source = self._component("qformer_model", "bert-base-uncased")
+        if source:
+            config = BertConfig.from_pretrained(source)
+        else:
+            inline = _plain(self._component("qformer_config"))
+            unknown = set(inline) - QFORMER_CONFIG_KEYS
+            if unknown:
+                raise ValueError(
+                    f"unknown qformer_config keys {sorted(unknown)}; valid keys: {sorted(QFORMER_CONFIG_KEYS)}"
+                )
+            config = BertConfig(vocab_size=len(self.tokenizer), **inline)
+        config.encoder_width = vision_width
+        config.add_cross_attention = True
+        config.cross_attention_freq = cross_attention_freq
+        config.query_length = num_query_token
+        if source:
+            qformer = BertLMHeadModel.from_pretrained(source, config=config)
+        else:
+            qformer = BertLMHeadModel(config)
+        query_tokens = nn.Parameter(torch.zeros(1, num_query_token, config.hidden_size))
+        query_tokens.data.normal_(mean=0.0, std=config.initializer_range)
+        return qformer, query_tokens
+
+    def init_vision_encoder(self, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
+        if model_name != "tiny":
+            # eva_clip_g / clip_L: LAVIS's builders, weights from LAVIS's URLs through the timm cache.
+            return super().init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint, precision)
+        from lavis.models.blip2_models.blip2 import LayerNorm
+        from lavis.models.eva_vit import VisionTransformer
+
+        vit = {**TINY_VIT_DEFAULTS, **_plain(self._component("vit_config"))}
+        unknown = set(vit) - set(TINY_VIT_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown vit_config keys {sorted(unknown)}; valid keys: {sorted(TINY_VIT_DEFAULTS)}")
+        if img_size % vit["patch_size"]:
+            raise ValueError(f"image_size {img_size} is not a multiple of vit_config.patch_size {vit['patch_size']}")
+        visual_encoder = VisionTransformer(
+            img_size=img_size,
+            patch_size=vit["patch_size"],
+            use_mean_pooling=False,
+            embed_dim=vit["width"],
+            depth=vit["depth"],
+            num_heads=vit["heads"],
+            mlp_ratio=vit["mlp_ratio"],
+            qkv_bias=True,
+            drop_path_rate=drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_checkpoint=use_grad_checkpoint,
+        )
+        return visual_encoder, LayerNorm(visual_encoder.num_features)
+
+    def load_checkpoint_from_config(self, cfg, **kwargs):
+        """Load `finetuned` (load_finetuned: true) or `pretrained`; nothing when no path is set.
+
+        LAVIS 1.0.2 always calls `load_from_pretrained(None)` when no checkpoint is configured and
+        fails with `TypeError: expected string or bytes-like object, got 'NoneType'`
+        (common/utils.py:404); training from scratch needs no checkpoint.
+        """
+        if cfg.get("load_finetuned", False):
+            path = cfg.get("finetuned")
+            if not path:
+                raise ValueError("model.load_finetuned is true but model.finetuned is empty; set a path/URL or load_finetuned: false")
+            return self.load_checkpoint(url_or_filename=path)
+        if cfg.get("load_pretrained", True) and cfg.get("pretrained"):
+            return self.load_from_pretrained(url_or_filename=cfg.get("pretrained"), **kwargs)
+        logger.info("no pretrained/finetuned checkpoint configured: weights are as initialised")
+        return None
+
+    # ---- helpers used by our model classes ----------------------------------------------------
+    def _freeze(self, module: nn.Module, name: str) -> nn.Module:
+        from lavis.models.blip2_models.blip2 import disabled_train
+
+        for param in module.parameters():
+            param.requires_grad = False
+        module = module.eval()
+        module.train = disabled_train  # LAVIS's convention: frozen towers stay in eval mode
+        logger.info("froze %s", name)
+        return module
+
+
+def build_llm(kind: str, source: str | None, tokenizer_source: str | None, inline: Mapping | None, dtype: torch.dtype):
+    """Return (tokenizer, model) for kind 'opt' or 't5'.
+
+    ``source`` (hub name or local dir) loads real weights exactly as LAVIS does; with no source a
+    randomly initialised model is built from ``inline`` config sized to the tokenizer.
+    """
+    import transformers
+
+    tok_source = tokenizer_source or source
+    if not tok_source:
+        raise ValueError(f"{kind}: set {kind}_model (weights) or {kind}_tokenizer (with {kind}_config)")
+    if kind == "opt":
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_source, use_fast=False)
+        if source:
+            model = transformers.OPTForCausalLM.from_pretrained(source, torch_dtype=dtype)
+        else:
+            config = transformers.OPTConfig(
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **_plain(inline),
+            )
+            model = transformers.OPTForCausalLM(config).to(dtype)
+    elif kind == "t5":
+        tokenizer = transformers.T5TokenizerFast.from_pretrained(tok_source)
+        if source:
+            config = transformers.T5Config.from_pretrained(source)
+            config.dense_act_fn = "gelu"  # as LAVIS's Blip2T5 does, so its checkpoints behave the same
+            model = transformers.T5ForConditionalGeneration.from_pretrained(source, config=config, torch_dtype=dtype)
+        else:
+            config = transformers.T5Config(
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+                **_plain(inline),
+            )
+            model = transformers.T5ForConditionalGeneration(config).to(dtype)
+    else:  # pragma: no cover - internal
+        raise ValueError(f"unknown LLM kind {kind!r}")
+    return tokenizer, model
+
+
+def component_kwargs(cfg) -> dict:
+    """The component keys of a model config (see module docstring)."""
+    keys = ("qformer_tokenizer", "qformer_model", "qformer_config", "vit_config")
+    return {k: cfg.get(k) for k in keys if k in cfg}
+
+
+def env_path(value: str | None) -> str | None:
+    """Expand ~ and $VARS in a configured path (hub names pass through unchanged)."""
+    return os.path.expandvars(os.path.expanduser(value)) if isinstance(value, str) else value

@@ -1,0 +1,154 @@
+"""What every lavis_ext task adds to LAVIS's BaseTask: device-agnostic training and evaluation loops.
+
+LAVIS 1.0.2's loops assume CUDA (`prepare_sample(cuda_enabled=True)` -> `.cuda()`, `torch.cuda.amp`,
+`SmoothedValue` syncing through a cuda tensor) and do not divide the loss by `accum_grad_iters`.
+The loops here move batches to the model's device, autocast with `torch.autocast(device_type)`, show
+a progress bar on the main process and log loss/lr to the run tracker. Models, data and metrics stay
+LAVIS's.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from lavis_ext import dist as ext_dist
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def move_to_device(sample, device: torch.device):
+    """Tensors (nested in dicts/lists) to `device`; everything else untouched."""
+    if torch.is_tensor(sample):
+        return sample.to(device, non_blocking=True)
+    if isinstance(sample, dict):
+        return {k: move_to_device(v, device) for k, v in sample.items()}
+    if isinstance(sample, list):
+        return [move_to_device(v, device) for v in sample]
+    return sample
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class TaskExtMixin:
+    """Mix in before the LAVIS task class."""
+
+    run_cfg = None
+    tracker = None
+    global_step = 0
+
+    def attach_run(self, run_cfg, tracker) -> None:
+        """Called by the runner: the run config (precision, clipping) and where to log."""
+        self.run_cfg = run_cfg
+        self.tracker = tracker
+
+    def _run_get(self, key, default=None):
+        return self.run_cfg.get(key, default) if self.run_cfg is not None else default
+
+    def build_model(self, cfg):
+        """On CPU everything runs in fp32: LAVIS loads the LLM and ViT in half precision, which fails on
+        CPU (RuntimeError: Input type (float) and bias type (c10::Half) should be the same)."""
+        model = super().build_model(cfg)
+        if str(cfg.run_cfg.get("device", "cpu")).startswith("cpu"):
+            model = model.float()
+        return model
+
+    def _autocast(self, device: torch.device):
+        amp = self._run_get("amp", False)
+        if not amp or device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = AMP_DTYPES.get(str(self._run_get("amp_dtype", "bf16")), torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    # ---- training -----------------------------------------------------------------------------
+    def _train_inner_loop(
+        self,
+        epoch,
+        iters_per_epoch,
+        model,
+        data_loader,
+        optimizer,
+        lr_scheduler,
+        scaler=None,
+        start_iters=None,
+        log_freq=50,
+        cuda_enabled=False,
+        accum_grad_iters=1,
+    ):
+        device = model_device(model)
+        if not hasattr(data_loader, "__next__"):
+            data_loader = iter(data_loader)
+        inner_epoch = epoch if start_iters is None else start_iters // iters_per_epoch
+        base_step = (start_iters if start_iters is not None else epoch * iters_per_epoch)
+        max_norm = self._run_get("max_grad_norm", None)
+        loss_sum = torch.zeros((), device=device)
+        shown_loss = float("nan")
+        progress = tqdm(
+            range(iters_per_epoch),
+            desc=f"train epoch {epoch}",
+            disable=not ext_dist.is_main(),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        for i in progress:
+            samples = move_to_device(next(data_loader), device)
+            samples.update({"epoch": inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
+            lr_scheduler.step(cur_epoch=inner_epoch, cur_step=i)
+            with self._autocast(device):
+                loss = self.train_step(model=model, samples=samples)
+            scaled = loss / accum_grad_iters
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if (i + 1) % accum_grad_iters == 0:
+                if max_norm:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(max_norm))
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            self.global_step = base_step + i + 1
+            if (i + 1) % log_freq == 0 or i + 1 == iters_per_epoch:
+                # One host sync per log interval, not per step.
+                shown_loss = loss.item()
+                lr = optimizer.param_groups[0]["lr"]
+                progress.set_postfix(loss=f"{shown_loss:.4f}", lr=f"{lr:.2e}")
+                if self.tracker is not None:
+                    self.tracker.scalar("train/loss", shown_loss, self.global_step)
+                    self.tracker.scalar("train/lr", lr, self.global_step)
+        progress.close()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= dist.get_world_size()
+        mean_loss = (loss_sum / max(iters_per_epoch, 1)).item()
+        if not math.isfinite(mean_loss):
+            logger.warning("epoch %d mean training loss is %s", epoch, mean_loss)
+        logger.info("epoch %d: mean loss %.4f, last lr %.3e", epoch, mean_loss, optimizer.param_groups[0]["lr"])
+        if self.tracker is not None:
+            self.tracker.scalar("train/epoch_loss", mean_loss, self.global_step)
+        return {"loss": f"{mean_loss:.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.6f}"}
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluation(self, model, data_loader, cuda_enabled=None):
+        """`cuda_enabled` is ignored: batches go to the model's device (LAVIS defaults it to True)."""
+        device = model_device(model)
+        results = []
+        for samples in tqdm(data_loader, desc="evaluate", disable=not ext_dist.is_main(), dynamic_ncols=True, mininterval=1.0):
+            samples = move_to_device(samples, device)
+            with self._autocast(device):
+                results.extend(self.valid_step(model=model, samples=samples))
+        if dist.is_initialized():
+            dist.barrier()
+        return results

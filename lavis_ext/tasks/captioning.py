@@ -1,0 +1,113 @@
+"""Captioning scored against the evaluation split's own references (no downloaded COCO ground truth).
+
+LAVIS's CaptionTask downloads Karpathy-COCO ground truth (URLError offline), requires integer COCO
+image ids, and runs SPICE, which downloads Stanford CoreNLP. Here each eval batch carries its
+references (`samples["captions"]`); rank 0 merges all ranks' results, scores them with
+:func:`lavis_ext.evaluation.evaluate_captions`, and writes the result and metrics JSON files into
+the run's directories.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from lavis.common.dist_utils import main_process
+from lavis.common.registry import registry
+from lavis.tasks.captioning import CaptionTask
+
+from lavis_ext.tasks.base import TaskExtMixin
+
+logger = logging.getLogger(__name__)
+
+
+@registry.register_task("captioning_ext")
+class CaptionTaskExt(TaskExtMixin, CaptionTask):
+    def __init__(self, num_beams, max_len, min_len, evaluate, report_metric=True, constant_baseline=True):
+        super().__init__(num_beams, max_len, min_len, evaluate, report_metric)
+        self.constant_baseline = constant_baseline
+
+    @classmethod
+    def setup_task(cls, cfg):
+        run_cfg = cfg.run_cfg
+        return cls(
+            num_beams=run_cfg.get("num_beams", 5),
+            max_len=run_cfg.get("max_len", 30),
+            min_len=run_cfg.get("min_len", 1),
+            evaluate=run_cfg.get("evaluate", False),
+            report_metric=run_cfg.get("report_metric", True),
+            constant_baseline=run_cfg.get("constant_baseline", True),
+        )
+
+    def valid_step(self, model, samples):
+        captions = model.generate(
+            samples,
+            use_nucleus_sampling=False,
+            num_beams=self.num_beams,
+            max_length=self.max_len,
+            min_length=self.min_len,
+        )
+        refs = samples.get("captions") or [None] * len(captions)
+        return [
+            {"image_id": str(image_id), "caption": caption, "references": ref}
+            for caption, image_id, ref in zip(captions, samples["image_id"], refs)
+        ]
+
+    def after_evaluation(self, val_result, split_name, epoch, **kwargs):
+        result_file = self.save_result(
+            result=val_result,
+            result_dir=registry.get_path("result_dir"),
+            filename=f"{split_name}_epoch{epoch}",
+            remove_duplicate="image_id",
+        )
+        if not self.report_metric:
+            return {"agg_metrics": 0.0}
+        return self._report_metrics(result_file, split_name, epoch)
+
+    @main_process
+    def _report_metrics(self, eval_result_file, split_name, epoch="best"):
+        from lavis_ext.evaluation import best_constant_caption, evaluate_captions
+
+        with open(eval_result_file) as f:
+            merged = json.load(f)
+        predictions = {r["image_id"]: r["caption"] for r in merged}
+        references = {r["image_id"]: r["references"] for r in merged if r.get("references")}
+        if len(references) != len(predictions):
+            raise ValueError(
+                f"{len(predictions) - len(references)} {split_name} samples carry no reference captions; "
+                "captioning_ext scores against the dataset's own references (field 'captions')"
+            )
+        # The result file keeps the usual [{image_id, caption}] shape; references go to their own file.
+        with open(eval_result_file, "w") as f:
+            json.dump([{"image_id": r["image_id"], "caption": r["caption"]} for r in merged], f)
+        work_dir = os.path.join(registry.get_path("result_dir"), "scoring")
+        os.makedirs(work_dir, exist_ok=True)
+        metrics = evaluate_captions(predictions, references, work_dir=work_dir)
+        skipped = metrics.pop("skipped", {})
+        if self.constant_baseline:
+            caption, cider = best_constant_caption(references, work_dir=work_dir)
+            metrics["constant_baseline_CIDEr"] = cider
+            metrics["constant_baseline_caption"] = caption
+        metrics["agg_metrics"] = metrics["CIDEr"] + metrics["Bleu_4"]
+        record = {"split": split_name, "epoch": epoch, "num_images": len(predictions), "metrics": metrics, "skipped": skipped}
+        output_dir = registry.get_path("output_dir")
+        with open(os.path.join(output_dir, f"{split_name}_epoch{epoch}_metrics.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        with open(os.path.join(output_dir, "evaluate.txt"), "a") as f:
+            f.write(json.dumps({split_name: metrics}) + "\n")
+        print(format_caption_metrics(split_name, epoch, metrics, skipped), flush=True)
+        return metrics
+
+
+def format_caption_metrics(split_name, epoch, metrics, skipped) -> str:
+    keys = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]
+    parts = [f"{k}={metrics[k]:.4f}" for k in keys if k in metrics]
+    lines = [f"[{split_name} epoch {epoch}] " + "  ".join(parts)]
+    if "constant_baseline_CIDEr" in metrics:
+        lines.append(
+            f"[{split_name} epoch {epoch}] best constant caption {metrics['constant_baseline_caption']!r}: "
+            f"CIDEr={metrics['constant_baseline_CIDEr']:.4f}"
+        )
+    for name, reason in skipped.items():
+        lines.append(f"[{split_name} epoch {epoch}] {name} skipped: {reason}")
+    return "\n".join(lines)

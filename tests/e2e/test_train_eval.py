@@ -1,0 +1,104 @@
+"""The real entry points on tiny models and shards: train + eval in-process, resume, torchrun x2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lavis_ext import cli
+from lavis_ext.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Small and quick: 1 epoch over the session's small synthetic set, greedy decoding.
+QUICK = [
+    "run.max_epoch=1",
+    "run.batch_size_train=16",
+    "run.batch_size_eval=16",
+    "run.num_workers=0",
+    "run.num_beams=1",
+    "run.max_len=8",
+    "run.warmup_steps=5",
+    "run.log_freq=5",
+    "run.constant_baseline=false",
+]
+
+
+def shard_options(root: Path, dataset: str = "wds_caption") -> list[str]:
+    return [f"datasets.{dataset}.build_info.root={root}"]
+
+
+def metrics_of(run_dir: Path, split: str, epoch="best") -> dict:
+    return json.loads((run_dir / f"{split}_epoch{epoch}_metrics.json").read_text())
+
+
+def test_train_then_test_through_train_py(synthetic_root, tmp_path):
+    runner = cli.train(
+        ["--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options", *QUICK,
+         f"run.output_dir={tmp_path}", *shard_options(synthetic_root)]
+    )
+    run_dir = Path(runner.output_dir)
+    assert run_dir.is_relative_to(tmp_path)
+    record = metrics_of(run_dir, "test")
+    assert record["num_images"] == 32
+    for key in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "agg_metrics"):
+        assert key in record["metrics"]
+    assert "SPICE" in record["skipped"]
+    results = json.loads((run_dir / "result" / "test_epochbest.json").read_text())
+    assert len(results) == 32 and set(results[0]) == {"image_id", "caption"}
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoint_best.pth").exists() or (run_dir / "checkpoint_0.pth").exists()
+    assert "Train: data epoch" not in (run_dir / "run.log").read_text()  # our loop, not LAVIS's
+
+
+def test_resume_from_checkpoint_continues_at_next_epoch(synthetic_root, tmp_path):
+    base = ["--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options", *QUICK,
+            *shard_options(synthetic_root), "run.valid_splits=[]", "run.test_splits=[]"]
+    first = cli.train(base + [f"run.output_dir={tmp_path / 'a'}"])
+    ckpt = Path(first.output_dir) / "checkpoint_0.pth"
+    assert ckpt.exists()
+    second = cli.train(base + [f"run.output_dir={tmp_path / 'b'}", "run.max_epoch=2", f"run.resume_ckpt_path={ckpt}"])
+    assert second.start_epoch == 1
+    assert (Path(second.output_dir) / "checkpoint_1.pth").exists()
+    assert not (Path(second.output_dir) / "checkpoint_0.pth").exists()
+
+
+def test_unknown_run_key_fails_before_any_work(synthetic_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"'max_epochs'.*'max_epoch'"):
+        cli.train(["--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options",
+                   "run.max_epochs=3", f"run.output_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_shards_fail_before_training_with_the_pattern(synthetic_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        cli.train(["--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options", *QUICK,
+                   f"run.output_dir={tmp_path}", f"datasets.wds_caption.build_info.root={tmp_path / 'nowhere'}"])
+
+
+def test_vqa_t5_train_and_score(synthetic_root, tmp_path):
+    runner = cli.train(
+        ["--cfg-path", str(REPO / "projects/tiny/vqa_t5.yaml"), "--options", *QUICK[:-1], "run.max_len=3",
+         f"run.output_dir={tmp_path}", *shard_options(synthetic_root, "wds_vqa")]
+    )
+    record = metrics_of(Path(runner.output_dir), "test")
+    assert record["num_questions"] > 32
+    assert 0.0 <= record["metrics"]["overall"] <= 100.0
+
+
+def test_two_process_torchrun_merges_every_rank(synthetic_root, tmp_path):
+    env = {**os.environ, "LAVIS_EXT_DATA": str(synthetic_root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), "--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options", *QUICK,
+           f"run.output_dir={tmp_path}", *shard_options(synthetic_root), "run.valid_splits=[]"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    record = metrics_of(run_dir, "test", epoch=0)
+    assert record["num_images"] == 32  # both ranks' halves, merged once on rank 0
+    assert {p.name for p in (run_dir / "result").glob("test_epoch0_rank*.json")} == {"test_epoch0_rank0.json", "test_epoch0_rank1.json"}

@@ -1,0 +1,81 @@
+"""`import lavis_ext` registers everything, imports nothing optional, and bad names fail loudly."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from lavis.common.registry import registry
+from omegaconf import OmegaConf
+
+from lavis_ext.config import ConfigError, check_names
+
+REPO_PROJECT = "projects/tiny/caption_opt.yaml"
+
+
+def test_everything_is_registered():
+    from lavis_ext.runners import RunnerBaseExt
+
+    for arch in ("blip2_opt_ext", "blip2_t5_ext", "blip2_qformer_ext"):
+        assert registry.get_model_class(arch) is not None, arch
+    for builder in ("wds_caption", "wds_vqa"):
+        assert registry.get_builder_class(builder) is not None, builder
+    for task in ("captioning_ext", "vqa_ext"):
+        assert registry.get_task_class(task) is not None, task
+    assert registry.get_runner_class("runner_base") is RunnerBaseExt
+    assert registry.get_runner_class("runner_base_lavis").__name__ == "RunnerBase"
+
+
+def test_real_model_types_are_kept_with_tiny_added():
+    opt = registry.get_model_class("blip2_opt_ext").PRETRAINED_MODEL_CONFIG_DICT
+    t5 = registry.get_model_class("blip2_t5_ext").PRETRAINED_MODEL_CONFIG_DICT
+    for name in ("pretrain_opt2.7b", "pretrain_opt6.7b", "caption_coco_opt2.7b", "caption_coco_opt6.7b", "tiny"):
+        assert name in opt
+    for name in ("pretrain_flant5xl", "pretrain_flant5xxl", "caption_coco_flant5xl", "tiny"):
+        assert name in t5
+    cfg = OmegaConf.load(opt["caption_coco_opt2.7b"]).model
+    assert cfg.opt_model == "facebook/opt-2.7b" and cfg.finetuned.startswith("https://")
+
+
+def test_import_pulls_in_nothing_optional():
+    code = (
+        "import sys, lavis_ext\n"
+        "bad = [m for m in ('fastapi','uvicorn','gradio','onnx','onnxruntime','langchain_core','tensorrt') if m in sys.modules]\n"
+        "print(bad)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def _project(**overrides):
+    cfg = OmegaConf.load(REPO_PROJECT)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+
+
+def test_valid_project_passes():
+    check_names(_project())
+
+
+@pytest.mark.parametrize(
+    "override, bad, suggestion",
+    [
+        ({"model.arch": "blip2_opt_extt"}, "blip2_opt_extt", "blip2_opt_ext"),
+        ({"model.model_type": "tinyy"}, "tinyy", "tiny"),
+        ({"run.task": "captioning_exp"}, "captioning_exp", "captioning_ext"),
+        ({"run.runner": "runner_bse"}, "runner_bse", "runner_base"),
+        ({"run.lr_sched": "linear_warmup_cosine"}, "linear_warmup_cosine", "linear_warmup_cosine_lr"),
+        ({"datasets.wds_caption.vis_processor.train.name": "blip_image_evl"}, "blip_image_evl", "blip_image_eval"),
+    ],
+)
+def test_unknown_names_fail_naming_value_and_close_matches(override, bad, suggestion):
+    with pytest.raises(ConfigError) as err:
+        check_names(_project(**override))
+    assert repr(bad) in str(err.value) and repr(suggestion) in str(err.value)
+
+
+def test_unknown_builder_fails():
+    cfg = _project()
+    cfg.datasets = {"wds_captoin": {}}
+    with pytest.raises(ConfigError, match="wds_caption"):
+        check_names(cfg)
