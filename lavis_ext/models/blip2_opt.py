@@ -46,6 +46,7 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
         opt_config=None,
         freeze_llm=True,
         llm_precision="fp16",
+        cross_attention_freq=2,
         components=None,
     ):
         self._remember_components(components)
@@ -58,7 +59,9 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
         if freeze_vit:
             self.visual_encoder = self._freeze(self.visual_encoder, "vision encoder")
 
-        self.Qformer, self.query_tokens = self.init_Qformer(num_query_token, self.visual_encoder.num_features)
+        self.Qformer, self.query_tokens = self.init_Qformer(
+            num_query_token, self.visual_encoder.num_features, cross_attention_freq
+        )
         # BLIP-2 stage 2 uses only the Q-Former's query path: drop the text-side modules as LAVIS does.
         self.Qformer.cls = None
         self.Qformer.bert.embeddings.word_embeddings = None
@@ -198,6 +201,7 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
             opt_config=cfg.get("opt_config"),
             freeze_llm=cfg.get("freeze_llm", True),
             llm_precision=cfg.get("llm_precision", "fp16"),
+            cross_attention_freq=cfg.get("cross_attention_freq", 2),
             components=component_kwargs(cfg),
         )
         model.load_checkpoint_from_config(cfg)

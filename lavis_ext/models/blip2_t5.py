@@ -45,6 +45,7 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
         t5_config=None,
         freeze_llm=True,
         llm_precision="bf16",
+        cross_attention_freq=2,
         components=None,
     ):
         self._remember_components(components)
@@ -57,7 +58,9 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
         if freeze_vit:
             self.visual_encoder = self._freeze(self.visual_encoder, "vision encoder")
 
-        self.Qformer, self.query_tokens = self.init_Qformer(num_query_token, self.visual_encoder.num_features)
+        self.Qformer, self.query_tokens = self.init_Qformer(
+            num_query_token, self.visual_encoder.num_features, cross_attention_freq
+        )
         self.Qformer.cls = None
         self.Qformer.bert.embeddings.word_embeddings = None
         self.Qformer.bert.embeddings.position_embeddings = None
@@ -104,6 +107,7 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
             t5_config=cfg.get("t5_config"),
             freeze_llm=cfg.get("freeze_llm", True),
             llm_precision=cfg.get("llm_precision", "bf16"),
+            cross_attention_freq=cfg.get("cross_attention_freq", 2),
             components=component_kwargs(cfg),
         )
         model.load_checkpoint_from_config(cfg)

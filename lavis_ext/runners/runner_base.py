@@ -32,11 +32,11 @@ class EpochStreamLoader:
     that ran out; a pass that ends early continues into the next pass, with a new shuffle epoch.
     """
 
-    def __init__(self, loader: DataLoader, dataset, steps_per_epoch: int):
+    def __init__(self, loader: DataLoader, dataset, steps_per_epoch: int, first_pass: int = 0):
         self.loader = loader
         self.dataset = dataset
         self.steps_per_epoch = steps_per_epoch
-        self.pass_index = 0
+        self.pass_index = first_pass  # a resumed run continues the shuffle sequence at its epoch
         self._it = None
 
     def _restart(self):
@@ -137,7 +137,7 @@ class RunnerBaseExt(RunnerBase):
                     f"training split has {length} samples, fewer than world_size x batch_size_train = "
                     f"{ext_dist.world_size()} x {batch_size}; lower run.batch_size_train"
                 )
-            return EpochStreamLoader(loader, dataset, steps)
+            return EpochStreamLoader(loader, dataset, steps, first_pass=self.start_epoch)
         sampler = None
         if self.use_distributed and (is_train or self.use_dist_eval_sampler):
             sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=ext_dist.world_size(), rank=ext_dist.rank())

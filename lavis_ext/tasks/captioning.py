@@ -26,6 +26,7 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
     def __init__(self, num_beams, max_len, min_len, evaluate, report_metric=True, constant_baseline=True):
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric)
         self.constant_baseline = constant_baseline
+        self._baselines: dict[str, tuple[str, float]] = {}  # split -> best constant caption (refs never change)
 
     @classmethod
     def setup_task(cls, cfg):
@@ -85,7 +86,9 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
         metrics = evaluate_captions(predictions, references, work_dir=work_dir)
         skipped = metrics.pop("skipped", {})
         if self.constant_baseline:
-            caption, cider = best_constant_caption(references, work_dir=work_dir)
+            if split_name not in self._baselines:
+                self._baselines[split_name] = best_constant_caption(references, work_dir=work_dir)
+            caption, cider = self._baselines[split_name]
             metrics["constant_baseline_CIDEr"] = cider
             metrics["constant_baseline_caption"] = caption
         metrics["agg_metrics"] = metrics["CIDEr"] + metrics["Bleu_4"]
