@@ -23,6 +23,7 @@ data: setup
 
 demo: data
 	$(PY) train.py --cfg-path projects/tiny/caption_opt.yaml --options run.output_dir=$(DEMO_OUT)
+	$(PY) -m lavis_ext.summary $(DEMO_OUT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -28,7 +28,7 @@ RUN_KEYS = {
     "report_metric", "prompt", "inference_method", "num_ans_candidates", "train_dataset_ratios",
     "k_test", "save_freq",
     # ours
-    "amp_dtype", "max_grad_norm", "constant_baseline", "length_penalty", "dist_timeout_s",
+    "amp_dtype", "max_grad_norm", "val_freq", "constant_baseline", "length_penalty", "dist_timeout_s",
     # written by distributed init
     "rank", "gpu", "dist_backend",
 }

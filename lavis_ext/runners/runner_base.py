@@ -153,6 +153,16 @@ class RunnerBaseExt(RunnerBase):
         )
         return IterLoader(loader, use_distributed=self.use_distributed) if is_train else loader
 
+    @torch.no_grad()
+    def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
+        """`run.val_freq: N` validates every N epochs (and after the last); LAVIS validates every epoch."""
+        freq = int(self.config.run_cfg.get("val_freq", 1))
+        during_training = isinstance(cur_epoch, int) and not self.evaluate_only and split_name in self.valid_splits
+        if during_training and freq > 1 and (cur_epoch + 1) % freq and cur_epoch + 1 != self.max_epoch:
+            logger.info("skipping %s validation at epoch %d (run.val_freq=%d)", split_name, cur_epoch, freq)
+            return None
+        return super().eval_epoch(split_name, cur_epoch, skip_reload=skip_reload)
+
     # ---- checkpoints ------------------------------------------------------------------------
     def _load_checkpoint(self, url_or_filename):
         """Resume. LAVIS saves only trainable tensors but loads strictly (RuntimeError: Missing key(s)

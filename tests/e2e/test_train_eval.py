@@ -54,6 +54,9 @@ def test_train_then_test_through_train_py(synthetic_root, tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoint_best.pth").exists() or (run_dir / "checkpoint_0.pth").exists()
     assert "Train: data epoch" not in (run_dir / "run.log").read_text()  # our loop, not LAVIS's
+    from lavis_ext.summary import summarise
+
+    assert summarise(tmp_path)["metrics"]["CIDEr"] == record["metrics"]["CIDEr"]
 
 
 def test_resume_from_checkpoint_continues_at_next_epoch(synthetic_root, tmp_path):
