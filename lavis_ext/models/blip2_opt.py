@@ -16,7 +16,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
-from lavis_ext.models.components import Blip2ComponentsMixin, build_llm, component_kwargs, env_path, resolve_dtype
+from lavis_ext.models.components import Blip2ComponentsMixin, build_llm, env_path, vision_kwargs, resolve_dtype
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 
 
@@ -52,23 +52,10 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
         self._remember_components(components)
         Blip2Base.__init__(self)  # skip Blip2OPT.__init__ (see module docstring)
 
-        self.tokenizer = self.init_tokenizer()
-        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
-            vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision
+        self._build_vision_and_qformer(
+            vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision, freeze_vit,
+            num_query_token, cross_attention_freq,
         )
-        if freeze_vit:
-            self.visual_encoder = self._freeze(self.visual_encoder, "vision encoder")
-
-        self.Qformer, self.query_tokens = self.init_Qformer(
-            num_query_token, self.visual_encoder.num_features, cross_attention_freq
-        )
-        # BLIP-2 stage 2 uses only the Q-Former's query path: drop the text-side modules as LAVIS does.
-        self.Qformer.cls = None
-        self.Qformer.bert.embeddings.word_embeddings = None
-        self.Qformer.bert.embeddings.position_embeddings = None
-        for layer in self.Qformer.bert.encoder.layer:
-            layer.output = None
-            layer.intermediate = None
 
         self.opt_tokenizer, self.opt_model = build_llm(
             "opt", env_path(opt_model), env_path(opt_tokenizer), opt_config, resolve_dtype(llm_precision, torch.float16)
@@ -187,13 +174,7 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
     @classmethod
     def from_config(cls, cfg):
         model = cls(
-            vit_model=cfg.get("vit_model", "eva_clip_g"),
-            img_size=cfg.get("image_size"),
-            drop_path_rate=cfg.get("drop_path_rate", 0),
-            use_grad_checkpoint=cfg.get("use_grad_checkpoint", False),
-            vit_precision=cfg.get("vit_precision", "fp16"),
-            freeze_vit=cfg.get("freeze_vit", True),
-            num_query_token=cfg.get("num_query_token"),
+            **vision_kwargs(cfg),
             opt_model=cfg.get("opt_model"),
             prompt=cfg.get("prompt", ""),
             max_txt_len=cfg.get("max_txt_len", 32),
@@ -201,8 +182,6 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
             opt_config=cfg.get("opt_config"),
             freeze_llm=cfg.get("freeze_llm", True),
             llm_precision=cfg.get("llm_precision", "fp16"),
-            cross_attention_freq=cfg.get("cross_attention_freq", 2),
-            components=component_kwargs(cfg),
         )
         model.load_checkpoint_from_config(cfg)
         return model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-from lavis_ext.models.components import Blip2ComponentsMixin, component_kwargs
+from lavis_ext.models.components import Blip2ComponentsMixin, vision_kwargs
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 
 
@@ -27,15 +27,7 @@ class Blip2QformerExt(Blip2ComponentsMixin, Blip2Qformer):
     @classmethod
     def from_config(cls, cfg):
         model = cls(
-            components=component_kwargs(cfg),
-            vit_model=cfg.get("vit_model", "eva_clip_g"),
-            img_size=cfg.get("image_size"),
-            drop_path_rate=cfg.get("drop_path_rate", 0),
-            use_grad_checkpoint=cfg.get("use_grad_checkpoint", False),
-            vit_precision=cfg.get("vit_precision", "fp16"),
-            freeze_vit=cfg.get("freeze_vit", True),
-            num_query_token=cfg.get("num_query_token"),
-            cross_attention_freq=cfg.get("cross_attention_freq", 2),
+            **vision_kwargs(cfg),
             embed_dim=cfg.get("embed_dim", 256),
             max_txt_len=cfg.get("max_txt_len", 32),
         )

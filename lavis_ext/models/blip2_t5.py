@@ -14,7 +14,7 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
-from lavis_ext.models.components import Blip2ComponentsMixin, build_llm, component_kwargs, env_path, resolve_dtype
+from lavis_ext.models.components import Blip2ComponentsMixin, build_llm, env_path, vision_kwargs, resolve_dtype
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 
 
@@ -51,22 +51,10 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
         self._remember_components(components)
         Blip2Base.__init__(self)  # skip Blip2T5.__init__ (see module docstring)
 
-        self.tokenizer = self.init_tokenizer()
-        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
-            vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision
+        self._build_vision_and_qformer(
+            vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision, freeze_vit,
+            num_query_token, cross_attention_freq,
         )
-        if freeze_vit:
-            self.visual_encoder = self._freeze(self.visual_encoder, "vision encoder")
-
-        self.Qformer, self.query_tokens = self.init_Qformer(
-            num_query_token, self.visual_encoder.num_features, cross_attention_freq
-        )
-        self.Qformer.cls = None
-        self.Qformer.bert.embeddings.word_embeddings = None
-        self.Qformer.bert.embeddings.position_embeddings = None
-        for layer in self.Qformer.bert.encoder.layer:
-            layer.output = None
-            layer.intermediate = None
 
         # T5 overflows in fp16: the paper and LAVIS keep it in bf16 (fp32 on CPU, see the task).
         self.t5_tokenizer, self.t5_model = build_llm(
@@ -92,13 +80,7 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
     @classmethod
     def from_config(cls, cfg):
         model = cls(
-            vit_model=cfg.get("vit_model", "eva_clip_g"),
-            img_size=cfg.get("image_size"),
-            drop_path_rate=cfg.get("drop_path_rate", 0),
-            use_grad_checkpoint=cfg.get("use_grad_checkpoint", False),
-            vit_precision=cfg.get("vit_precision", "fp16"),
-            freeze_vit=cfg.get("freeze_vit", True),
-            num_query_token=cfg.get("num_query_token"),
+            **vision_kwargs(cfg),
             t5_model=cfg.get("t5_model"),
             prompt=cfg.get("prompt", ""),
             max_txt_len=cfg.get("max_txt_len", 32),
@@ -107,8 +89,6 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
             t5_config=cfg.get("t5_config"),
             freeze_llm=cfg.get("freeze_llm", True),
             llm_precision=cfg.get("llm_precision", "bf16"),
-            cross_attention_freq=cfg.get("cross_attention_freq", 2),
-            components=component_kwargs(cfg),
         )
         model.load_checkpoint_from_config(cfg)
         return model

@@ -149,6 +149,30 @@ class Blip2ComponentsMixin:
         return None
 
     # ---- helpers used by our model classes ----------------------------------------------------
+    def _build_vision_and_qformer(
+        self, vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision, freeze_vit,
+        num_query_token, cross_attention_freq,
+    ) -> None:
+        """The image side shared by BLIP-2 OPT and Flan-T5 (stage 2): tokenizer, ViT, Q-Former queries.
+
+        The Q-Former's text-side modules are dropped as LAVIS does: stage 2 uses only the query path.
+        """
+        self.tokenizer = self.init_tokenizer()
+        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
+            vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision
+        )
+        if freeze_vit:
+            self.visual_encoder = self._freeze(self.visual_encoder, "vision encoder")
+        self.Qformer, self.query_tokens = self.init_Qformer(
+            num_query_token, self.visual_encoder.num_features, cross_attention_freq
+        )
+        self.Qformer.cls = None
+        self.Qformer.bert.embeddings.word_embeddings = None
+        self.Qformer.bert.embeddings.position_embeddings = None
+        for layer in self.Qformer.bert.encoder.layer:
+            layer.output = None
+            layer.intermediate = None
+
     def _freeze(self, module: nn.Module, name: str) -> nn.Module:
         from lavis.models.blip2_models.blip2 import disabled_train
 
@@ -202,6 +226,21 @@ def build_llm(kind: str, source: str | None, tokenizer_source: str | None, inlin
     else:  # pragma: no cover - internal
         raise ValueError(f"unknown LLM kind {kind!r}")
     return tokenizer, model
+
+
+def vision_kwargs(cfg) -> dict:
+    """Constructor arguments of the image side, read from a model config with LAVIS's defaults."""
+    return {
+        "vit_model": cfg.get("vit_model", "eva_clip_g"),
+        "img_size": cfg.get("image_size"),
+        "drop_path_rate": cfg.get("drop_path_rate", 0),
+        "use_grad_checkpoint": cfg.get("use_grad_checkpoint", False),
+        "vit_precision": cfg.get("vit_precision", "fp16"),
+        "freeze_vit": cfg.get("freeze_vit", True),
+        "num_query_token": cfg.get("num_query_token"),
+        "cross_attention_freq": cfg.get("cross_attention_freq", 2),
+        "components": component_kwargs(cfg),
+    }
 
 
 def component_kwargs(cfg) -> dict:

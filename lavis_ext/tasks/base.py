@@ -9,11 +9,14 @@ LAVIS's.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 
 import torch
 import torch.distributed as dist
+from lavis.common.registry import registry
 from tqdm.auto import tqdm
 
 from lavis_ext import dist as ext_dist
@@ -32,6 +35,15 @@ def move_to_device(sample, device: torch.device):
     if isinstance(sample, list):
         return [move_to_device(v, device) for v in sample]
     return sample
+
+
+def write_metrics(split_name: str, epoch, record: dict, metrics: dict) -> None:
+    """`<split>_epoch<e>_metrics.json` (the full record) and a line in LAVIS's `evaluate.txt`."""
+    output_dir = registry.get_path("output_dir")
+    with open(os.path.join(output_dir, f"{split_name}_epoch{epoch}_metrics.json"), "w") as f:
+        json.dump({"split": split_name, "epoch": epoch, **record, "metrics": metrics}, f, indent=2)
+    with open(os.path.join(output_dir, "evaluate.txt"), "a") as f:
+        f.write(json.dumps({split_name: metrics}) + "\n")
 
 
 def model_device(model) -> torch.device:

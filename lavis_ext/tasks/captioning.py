@@ -16,7 +16,7 @@ from lavis.common.dist_utils import main_process
 from lavis.common.registry import registry
 from lavis.tasks.captioning import CaptionTask
 
-from lavis_ext.tasks.base import TaskExtMixin
+from lavis_ext.tasks.base import TaskExtMixin, write_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
                 f"{len(predictions) - len(references)} {split_name} samples carry no reference captions; "
                 "captioning_ext scores against the dataset's own references (field 'captions')"
             )
-        # The result file keeps the usual [{image_id, caption}] shape; references go to their own file.
+        # The result file keeps the usual [{image_id, caption}] shape (the references are the dataset's).
         with open(eval_result_file, "w") as f:
             json.dump([{"image_id": r["image_id"], "caption": r["caption"]} for r in merged], f)
         work_dir = os.path.join(registry.get_path("result_dir"), "scoring")
@@ -92,12 +92,7 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
             metrics["constant_baseline_CIDEr"] = cider
             metrics["constant_baseline_caption"] = caption
         metrics["agg_metrics"] = metrics["CIDEr"] + metrics["Bleu_4"]
-        record = {"split": split_name, "epoch": epoch, "num_images": len(predictions), "metrics": metrics, "skipped": skipped}
-        output_dir = registry.get_path("output_dir")
-        with open(os.path.join(output_dir, f"{split_name}_epoch{epoch}_metrics.json"), "w") as f:
-            json.dump(record, f, indent=2)
-        with open(os.path.join(output_dir, "evaluate.txt"), "a") as f:
-            f.write(json.dumps({split_name: metrics}) + "\n")
+        write_metrics(split_name, epoch, {"num_images": len(predictions), "skipped": skipped}, metrics)
         print(format_caption_metrics(split_name, epoch, metrics, skipped), flush=True)
         return metrics
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 from lavis.common.dist_utils import main_process
 from lavis.common.registry import registry
 from lavis.tasks.vqa import VQATask
 
-from lavis_ext.tasks.base import TaskExtMixin
+from lavis_ext.tasks.base import TaskExtMixin, write_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +93,7 @@ class VQATaskExt(TaskExtMixin, VQATask):
         metrics["agg_metrics"] = metrics["overall"]
         with open(result_file, "w") as f:  # EvalAI-style shape: [{question_id, answer}]
             json.dump([{"question_id": r["question_id"], "answer": r["answer"]} for r in merged], f)
-        output_dir = registry.get_path("output_dir")
-        with open(os.path.join(output_dir, f"{split_name}_epoch{epoch}_metrics.json"), "w") as f:
-            json.dump({"split": split_name, "epoch": epoch, "num_questions": len(merged), "metrics": metrics}, f, indent=2)
-        with open(os.path.join(output_dir, "evaluate.txt"), "a") as f:
-            f.write(json.dumps({split_name: metrics}) + "\n")
+        write_metrics(split_name, epoch, {"num_questions": len(merged)}, metrics)
         per_type = "  ".join(f"{k}={v:.2f}" for k, v in sorted(metrics["per_answer_type"].items()))
         print(f"[{split_name} epoch {epoch}] VQA accuracy={metrics['overall']:.2f}  {per_type}", flush=True)
         return {"agg_metrics": metrics["overall"], "overall": metrics["overall"],
