@@ -203,7 +203,8 @@ class RunnerBaseExt(RunnerBase):
         super().log_stats(stats, split_name)
         if isinstance(stats, dict) and split_name != "train":
             step = getattr(self.task, "global_step", 0)
-            self.tracker.scalars(split_name, stats, step)
+            curves = {k: v for k, v in stats.items() if k != "best_epoch"}  # bookkeeping, not a metric
+            self.tracker.scalars(split_name, curves, step)
 
     def train(self):
         try:
