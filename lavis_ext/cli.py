@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 import lavis_ext  # noqa: F401  (shims + registration before anything LAVIS is resolved)
+from lavis.common.dist_utils import get_rank, is_main_process
+
 from lavis_ext import dist as ext_dist
 
 logger = logging.getLogger("lavis_ext")
@@ -54,19 +56,19 @@ def load_config(args):
 
 
 def setup_seeds(seed: int) -> None:
-    seed = int(seed) + ext_dist.rank()
+    seed = int(seed) + get_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def setup_logging() -> None:
-    level = logging.INFO if ext_dist.is_main() else logging.WARNING
+    level = logging.INFO if is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
 def _add_log_file(output_dir: Path) -> logging.Handler | None:
-    if not ext_dist.is_main():
+    if not is_main_process():
         return None
     handler = logging.FileHandler(output_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -100,7 +102,7 @@ def _run(argv, description, action):
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-    if ext_dist.is_main():
+    if is_main_process():
         print(f"run directory: {runner.output_dir}", flush=True)
     return runner, result
 

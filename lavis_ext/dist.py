@@ -5,7 +5,8 @@ NVIDIA driver on CPU), and without a launcher leaves no process group, while `ru
 `dist.barrier()` unconditionally and `Blip2Qformer` calls `dist.get_rank()` (ValueError: Default
 process group has not been initialized). So we always create a group: the launcher's when
 RANK/WORLD_SIZE are set (torchrun, accelerate), else a private single-process one.
-This is the only module that touches `torch.cuda` directly.
+This is the only module that touches `torch.cuda` directly. Rank/world look-ups use LAVIS's
+`lavis.common.dist_utils` (`get_rank`, `get_world_size`, `is_main_process`).
 """
 from __future__ import annotations
 
@@ -76,15 +77,3 @@ def init_distributed(run_cfg, timeout_s: int = 1800) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from lavis.common.dist_utils import get_rank, get_world_size, is_main_process
 from lavis.common.registry import registry
 from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import ChainDataset, DataLoader, DistributedSampler, IterableDataset
 
-from lavis_ext import dist as ext_dist
 from lavis_ext.runners.tracking import RunTracker
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class RunnerBaseExt(RunnerBase):
         for key in ("result_dir", "output_dir"):
             registry.mapping["paths"].pop(key, None)
         super().__init__(cfg, task, model, datasets, job_id)
-        self.tracker = RunTracker(self.output_dir, enabled=ext_dist.is_main())
+        self.tracker = RunTracker(self.output_dir, enabled=is_main_process())
         if hasattr(task, "attach_run"):
             task.attach_run(run_cfg=cfg.run_cfg, tracker=self.tracker)
 
@@ -100,7 +100,7 @@ class RunnerBaseExt(RunnerBase):
 
     # ---- data -------------------------------------------------------------------------------
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
-        """No CUDA prefetch stream (LAVIS's PrefetchLoader calls `torch.cuda.Stream()` and fails on CPU),
+        """No CUDA prefetch stream (LAVIS's PrefetchLoader creates a CUDA stream and fails on CPU),
         and IterableDatasets with a known length become epoch-sized loaders (LAVIS supports them only
         in runner_iter)."""
         loaders = []
@@ -131,16 +131,16 @@ class RunnerBaseExt(RunnerBase):
                 raise ValueError(
                     f"training split {dataset!r} has no known length; set its length (e.g. a sizes file) or use runner: runner_iter"
                 ) from None
-            steps = length // (ext_dist.world_size() * batch_size)
+            steps = length // (get_world_size() * batch_size)
             if steps < 1:
                 raise ValueError(
                     f"training split has {length} samples, fewer than world_size x batch_size_train = "
-                    f"{ext_dist.world_size()} x {batch_size}; lower run.batch_size_train"
+                    f"{get_world_size()} x {batch_size}; lower run.batch_size_train"
                 )
             return EpochStreamLoader(loader, dataset, steps, first_pass=self.start_epoch)
         sampler = None
         if self.use_distributed and (is_train or self.use_dist_eval_sampler):
-            sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=ext_dist.world_size(), rank=ext_dist.rank())
+            sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=get_world_size(), rank=get_rank())
         loader = DataLoader(
             dataset,
             batch_size=batch_size,

@@ -1,7 +1,8 @@
 """What every lavis_ext task adds to LAVIS's BaseTask: device-agnostic training and evaluation loops.
 
-LAVIS 1.0.2's loops assume CUDA (`prepare_sample(cuda_enabled=True)` -> `.cuda()`, `torch.cuda.amp`,
-`SmoothedValue` syncing through a cuda tensor) and do not divide the loss by `accum_grad_iters`.
+LAVIS 1.0.2's loops assume CUDA (`prepare_sample(cuda_enabled=True)` moves every batch to the GPU,
+amp is CUDA-only, `SmoothedValue` syncs through a GPU tensor) and do not divide the loss by
+`accum_grad_iters`.
 The loops here move batches to the model's device, autocast with `torch.autocast(device_type)`, show
 a progress bar on the main process and log loss/lr to the run tracker. Models, data and metrics stay
 LAVIS's.
@@ -16,10 +17,10 @@ import os
 
 import torch
 import torch.distributed as dist
+from lavis.common.dist_utils import is_main_process
 from lavis.common.registry import registry
+from lavis.datasets.data_utils import apply_to_sample
 from tqdm.auto import tqdm
-
-from lavis_ext import dist as ext_dist
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +28,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def move_to_device(sample, device: torch.device):
-    """Tensors (nested in dicts/lists) to `device`; everything else untouched."""
-    if torch.is_tensor(sample):
-        return sample.to(device, non_blocking=True)
-    if isinstance(sample, dict):
-        return {k: move_to_device(v, device) for k, v in sample.items()}
-    if isinstance(sample, list):
-        return [move_to_device(v, device) for v in sample]
-    return sample
+    """Tensors (nested in dicts/lists) to `device`, through LAVIS's own walker; everything else untouched."""
+    return apply_to_sample(lambda tensor: tensor.to(device, non_blocking=True), sample)
 
 
 def write_metrics(split_name: str, epoch, record: dict, metrics: dict) -> None:
@@ -102,11 +97,10 @@ class TaskExtMixin:
         base_step = (start_iters if start_iters is not None else epoch * iters_per_epoch)
         max_norm = self._run_get("max_grad_norm", None)
         loss_sum = torch.zeros((), device=device)
-        shown_loss = float("nan")
         progress = tqdm(
             range(iters_per_epoch),
             desc=f"train epoch {epoch}",
-            disable=not ext_dist.is_main(),
+            disable=not is_main_process(),
             dynamic_ncols=True,
             mininterval=1.0,
         )
@@ -157,7 +151,7 @@ class TaskExtMixin:
         """`cuda_enabled` is ignored: batches go to the model's device (LAVIS defaults it to True)."""
         device = model_device(model)
         results = []
-        for samples in tqdm(data_loader, desc="evaluate", disable=not ext_dist.is_main(), dynamic_ncols=True, mininterval=1.0):
+        for samples in tqdm(data_loader, desc="evaluate", disable=not is_main_process(), dynamic_ncols=True, mininterval=1.0):
             samples = move_to_device(samples, device)
             with self._autocast(device):
                 results.extend(self.valid_step(model=model, samples=samples))
