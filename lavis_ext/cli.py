@@ -126,6 +126,10 @@ def main(argv=None) -> int:
         from lavis_ext.datasets.synthetic import main as data_main
 
         return data_main(argv[1:]) or 0
+    if argv and argv[0] == "shards":
+        from lavis_ext.datasets.to_shards import main as shards_main
+
+        return shards_main(argv[1:]) or 0
     if not argv or argv[0] not in commands:
         print("usage: lavis-ext {train,evaluate,data} ...", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
-"""Datasets: the webdataset pipeline, the `wds_caption` / `wds_vqa` builders, the synthetic world.
+"""Datasets: the webdataset pipeline and builders, annotation-file builders, the synthetic world.
 
-Importing this package registers the two builders with LAVIS and nothing else; the synthetic generator
-and the pipeline are imported only where used.
+Importing this package registers the builders with LAVIS (``wds_caption``, ``wds_vqa``, ``json_caption``,
+``json_vqa``, ``coco_caption_file``) and nothing else; the synthetic generator and the shard converter
+are imported only where used.
 """
-from lavis_ext.datasets import builders  # noqa: F401  (registers wds_caption, wds_vqa)
+from lavis_ext.datasets import annotations, builders  # noqa: F401  (registration)

@@ -28,6 +28,18 @@ _CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "datasets"
 BUILD_INFO_KEYS = ("root", "sizes", "shards", "lengths", "split_by", "seed")
 
 
+def read_build_info(config, valid_keys, name: str) -> dict:
+    """A builder's ``build_info`` as a plain dict; an unknown key fails naming the closest valid one."""
+    node = config.get("build_info") or {}
+    info = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    for key in info:
+        if key not in valid_keys:
+            close = difflib.get_close_matches(str(key), valid_keys, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown key {key!r} in datasets.{name}.build_info; {hint}valid: {', '.join(valid_keys)}")
+    return info
+
+
 class WdsBuilder(BaseDatasetBuilder):
     """Shared logic; subclasses set ``kind`` ("caption" or "vqa") and the default YAML."""
 
@@ -63,14 +75,7 @@ class WdsBuilder(BaseDatasetBuilder):
 
     # ---- helpers ------------------------------------------------------------------------------
     def _build_info(self) -> dict:
-        node = self.config.get("build_info") or {}
-        info = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-        for key in info:
-            if key not in BUILD_INFO_KEYS:
-                close = difflib.get_close_matches(str(key), BUILD_INFO_KEYS, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(BUILD_INFO_KEYS)}"
-                raise ValueError(f"unknown key {key!r} in datasets.{self.name}.build_info; {hint}")
-        return info
+        return read_build_info(self.config, BUILD_INFO_KEYS, self.name)
 
     def _sizes(self, info: dict, root) -> dict | None:
         path = info.get("sizes")

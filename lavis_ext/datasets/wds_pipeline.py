@@ -61,6 +61,7 @@ __all__ = [
     "read_sizes",
     "split_length",
     "collate",
+    "format_sample",
 ]
 
 #: mode -> the unit one sample stands for (a key of sizes.json's per-split entry).
@@ -204,6 +205,42 @@ class _Reader:
     @property
     def slot(self) -> int:
         return self.rank * self.num_workers + self.worker
+
+
+def format_sample(mode: str, unit: dict, image, text_processor=None, prompt: str = "") -> dict:
+    """The sample a task sees for one unit (caption / image / question) of ``mode``: shared by every
+    dataset here, so the webdataset and annotation-file datasets give the same keys and shapes."""
+    text = text_processor or (lambda s: s)
+    if mode == "caption_train":
+        return {"image": image, "text_input": text(unit["caption"]), "image_id": unit["image_id"]}
+    if mode == "caption_eval":
+        return {"image": image, "image_id": unit["image_id"], "captions": list(unit["captions"])}
+    q = unit["question"]
+    question = text(q["question"])
+    text_input = prompt.format(question) if prompt else question
+    answers = [str(a) for a in q["answers"]]
+    if mode == "vqa_train":
+        counts = Counter(answers)  # insertion-ordered: max() keeps the first-seen answer on ties
+        return {
+            "image": image,
+            "text_input": text_input,
+            "question": question,  # unprompted, for the Q-Former (qformer_text_input)
+            "text_output": max(counts, key=counts.get),
+            "answers": list(counts),
+            "weights": [c / len(answers) for c in counts.values()],
+            "question_id": unit["question_id"],
+            "image_id": unit["image_id"],
+        }
+    return {
+        "image": image,
+        "text_input": text_input,
+        "question": question,
+        "question_id": unit["question_id"],
+        "answers": answers,
+        "question_type": str(q.get("question_type", "unknown")),
+        "answer_type": str(q.get("answer_type", "other")),
+        "image_id": unit["image_id"],
+    }
 
 
 class WdsSplitDataset(wds.DataPipeline):
@@ -432,35 +469,7 @@ class WdsSplitDataset(wds.DataPipeline):
             yield {**base, "question": q, "question_id": str(q.get("question_id", f"{key}-q{j}"))}
 
     def _format(self, unit: dict, image) -> dict:
-        text = self.text_processor or (lambda s: s)
-        if self.mode == "caption_train":
-            return {"image": image, "text_input": text(unit["caption"]), "image_id": unit["image_id"]}
-        if self.mode == "caption_eval":
-            return {"image": image, "image_id": unit["image_id"], "captions": list(unit["captions"])}
-        q = unit["question"]
-        question = text(q["question"])
-        text_input = self.prompt.format(question) if self.prompt else question
-        answers = [str(a) for a in q["answers"]]
-        if self.mode == "vqa_train":
-            counts = Counter(answers)  # insertion-ordered: max() keeps the first-seen answer on ties
-            return {
-                "image": image,
-                "text_input": text_input,
-                "text_output": max(counts, key=counts.get),
-                "answers": list(counts),
-                "weights": [c / len(answers) for c in counts.values()],
-                "question_id": unit["question_id"],
-                "image_id": unit["image_id"],
-            }
-        return {
-            "image": image,
-            "text_input": text_input,
-            "question_id": unit["question_id"],
-            "answers": answers,
-            "question_type": str(q.get("question_type", "unknown")),
-            "answer_type": str(q.get("answer_type", "other")),
-            "image_id": unit["image_id"],
-        }
+        return format_sample(self.mode, unit, image, self.text_processor, self.prompt)
 
     # ---- skip accounting ----------------------------------------------------------------------
     def _skip(self, reason: str, key: str, url: str, detail: str, drop: bool = True, what: str | None = None) -> None:
