@@ -40,17 +40,16 @@ def parse_args(argv=None, description="lavis-ext"):
 
 def load_config(args):
     """Strict names check on the raw YAML, LAVIS's 3-level merge, then the strict keys check."""
-    from lavis.common.config import Config
     from omegaconf import OmegaConf
 
-    from lavis_ext.config import check_keys, check_names
+    from lavis_ext.config import check_keys, check_names, project_config
 
     cfg_path = Path(args.cfg_path)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} does not exist")
     raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(args.options or [])))
     check_names(raw)
-    cfg = Config(args)
+    cfg = project_config(args)
     check_keys(cfg)
     return cfg
 
@@ -119,7 +118,7 @@ def evaluate(argv=None):
 
 
 def main(argv=None) -> int:
-    """`lavis-ext {train,evaluate,data} ...`"""
+    """`lavis-ext {train,evaluate,data,shards} ...`"""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train, "evaluate": evaluate}
     if argv and argv[0] == "data":
@@ -131,7 +130,7 @@ def main(argv=None) -> int:
 
         return shards_main(argv[1:]) or 0
     if not argv or argv[0] not in commands:
-        print("usage: lavis-ext {train,evaluate,data} ...", file=sys.stderr)
+        print("usage: lavis-ext {train,evaluate,data,shards} ...", file=sys.stderr)
         return 2
     commands[argv[0]](argv[1:])
     ext_dist.shutdown()

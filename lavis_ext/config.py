@@ -28,7 +28,7 @@ RUN_KEYS = {
     "report_metric", "prompt", "inference_method", "num_ans_candidates", "train_dataset_ratios",
     "k_test", "save_freq",
     # ours
-    "amp_dtype", "max_grad_norm", "val_freq", "constant_baseline", "length_penalty", "dist_timeout_s",
+    "amp_dtype", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "constant_baseline", "length_penalty", "dist_timeout_s",
     # written by distributed init
     "rank", "gpu", "dist_backend",
 }
@@ -40,9 +40,31 @@ MODEL_KEYS = {
     "qformer_tokenizer", "qformer_model", "qformer_config",
     "opt_model", "opt_tokenizer", "opt_config", "t5_model", "t5_tokenizer", "t5_config",
     "freeze_llm", "llm_precision", "apply_lemmatizer",
+    # training strategy (lavis_ext.models.strategies)
+    "freeze_qformer", "lora_llm", "lora_qformer", "qformer_text_input",
+    "qformer_grad_checkpoint", "llm_grad_checkpoint",
 }
 
 DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "shuffle_buffer", "prompt", "type"}
+
+
+def project_config(args):
+    """LAVIS's `Config` (model defaults < project file < --options), with `--options model.model_type=X`
+    (or `model.arch=Y`) selecting X's default YAML. LAVIS looks the override up as the flat key
+    "model.model_type" in the nested options and never finds it, so it silently merged the project's
+    own type's defaults under the override."""
+    from lavis.common.config import Config
+    from omegaconf import OmegaConf
+
+    class _Config(Config):
+        @staticmethod
+        def build_model_config(config, **kwargs):
+            model_override = kwargs.get("model") or {}
+            if model_override:
+                config = OmegaConf.merge(config, {"model": model_override})
+            return Config.build_model_config(config)
+
+    return _Config(args)
 
 
 def _fail(kind: str, value, valid: Iterable[str], where: str) -> None:

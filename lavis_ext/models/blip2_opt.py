@@ -16,12 +16,15 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
+from lavis_ext.models.answers import expand_answers, weighted_sequence_loss
+from lavis_ext.models.generation import Blip2GenerationMixin
 from lavis_ext.models.components import Blip2ComponentsMixin, build_llm, env_path, vision_kwargs, resolve_dtype
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
+from lavis_ext.models.strategies import finish_from_config
 
 
 @registry.register_model("blip2_opt_ext")
-class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
+class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
     """BLIP-2 OPT. Real types keep LAVIS's names (``pretrain_opt2.7b``, ``caption_coco_opt2.7b``, ...);
     ``tiny`` is the CPU-sized model trained by ``make demo``."""
 
@@ -48,13 +51,15 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
         llm_precision="fp16",
         cross_attention_freq=2,
         components=None,
+        qformer_text_input=False,
     ):
         self._remember_components(components)
         Blip2Base.__init__(self)  # skip Blip2OPT.__init__ (see module docstring)
 
+        self.max_txt_len = max_txt_len  # the Q-Former's question tokenizer reads it
         self._build_vision_and_qformer(
             vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision, freeze_vit,
-            num_query_token, cross_attention_freq,
+            num_query_token, cross_attention_freq, qformer_text_input,
         )
 
         self.opt_tokenizer, self.opt_model = build_llm(
@@ -67,30 +72,58 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
         self.eos_token_id = self.opt_tokenizer("\n", add_special_tokens=False).input_ids[0]
 
         self.opt_proj = nn.Linear(self.Qformer.config.hidden_size, self.opt_model.config.hidden_size)
-        self.max_txt_len = max_txt_len
         self.prompt = prompt
         prompt_tokens = self.opt_tokenizer(self.prompt, return_tensors="pt")
         self.prompt_length = prompt_tokens.attention_mask.sum(1)
 
     # ---- shared image path ----------------------------------------------------------------------
-    def encode_image_for_llm(self, image: torch.Tensor):
-        """Image -> (query embeddings in the LLM's space, their attention mask)."""
-        with self.maybe_autocast():
-            image_embeds = self.ln_vision(self.visual_encoder(image))
-        image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=image.device)
-        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_output = self.Qformer.bert(
-            query_embeds=query_tokens,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-            return_dict=True,
-        )
-        inputs_opt = self.opt_proj(query_output.last_hidden_state)
+    def encode_image_for_llm(self, image: torch.Tensor, questions=None):
+        """Image (and question, see ``qformer_text_input``) -> query embeddings in the LLM's space, mask."""
+        inputs_opt = self.opt_proj(self.encode_queries(image, questions))
         atts_opt = torch.ones(inputs_opt.size()[:-1], dtype=torch.long, device=image.device)
         return inputs_opt, atts_opt
 
-    def _generate_from_prompts(self, image, prompts, **generate_kwargs):
-        inputs_opt, atts_opt = self.encode_image_for_llm(image)
+    # ---- training -------------------------------------------------------------------------------
+    def forward(self, samples):
+        """Captioning batches (``text_input`` only) train as LAVIS does: the model prompt, then the
+        caption. VQA batches (with ``text_output``) train the answer after the prompted question, with
+        every distinct answer weighted by its votes (:mod:`lavis_ext.models.answers`)."""
+        if "text_output" not in samples:
+            return super().forward(samples)
+        return {"loss": self._answer_loss(samples)}
+
+    def _answer_loss(self, samples):
+        image = samples["image"]
+        targets, weights, index = expand_answers(samples)
+        inputs_opt, atts_opt = self.encode_image_for_llm(image, samples.get("question", samples["text_input"]))
+        prompts = self.opt_tokenizer([samples["text_input"][i] for i in index], add_special_tokens=True).input_ids
+        # The answer follows the prompt after a space and ends at "\n", as generation stops there.
+        answers = self.opt_tokenizer([f" {t}\n" for t in targets], add_special_tokens=False).input_ids
+        pad = self.opt_tokenizer.pad_token_id
+        rows = [(p + a)[: self.max_txt_len] for p, a in zip(prompts, answers)]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for j, (row, prompt) in enumerate(zip(rows, prompts)):
+            input_ids[j, : len(row)] = torch.tensor(row)
+            labels[j, len(prompt): len(row)] = torch.tensor(row[len(prompt):], dtype=torch.long)
+        input_ids, labels = input_ids.to(image.device), labels.to(image.device)
+        text_mask = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long().to(image.device)
+
+        embed = self.opt_model.get_input_embeddings()
+        queries = inputs_opt[index]
+        inputs_embeds = torch.cat([queries.to(embed.weight.dtype), embed(input_ids)], dim=1)
+        attention_mask = torch.cat([atts_opt[index], text_mask], dim=1)
+        with self.maybe_autocast():
+            logits = self.opt_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True).logits
+        # position t predicts token t + 1; the query positions predict nothing
+        logits = logits[:, queries.size(1) - 1 : -1]
+        if weights is None:
+            weights = torch.ones(len(targets))
+        return weighted_sequence_loss(logits, labels, weights, num_questions=len(samples["text_input"]))
+
+    def _generate_from_prompts(self, image, prompts, qformer_text=None, **generate_kwargs):
+        inputs_opt, atts_opt = self.encode_image_for_llm(image, qformer_text)
         self.opt_tokenizer.padding_side = "left"
         opt_tokens = self.opt_tokenizer(prompts, return_tensors="pt", padding="longest").to(image.device)
         embed = self.opt_model.get_input_embeddings()
@@ -107,70 +140,6 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
             )
         return [text.strip() for text in self.opt_tokenizer.batch_decode(outputs, skip_special_tokens=True)]
 
-    @torch.no_grad()
-    def generate(
-        self,
-        samples,
-        use_nucleus_sampling=False,
-        num_beams=5,
-        max_length=30,
-        min_length=1,
-        top_p=0.9,
-        repetition_penalty=1.0,
-        length_penalty=1.0,
-        num_captions=1,
-        temperature=1,
-    ):
-        """Caption images; returns ``batch_size * num_captions`` strings (image-major order)."""
-        image = samples["image"]
-        prompt = samples.get("prompt", self.prompt)
-        prompts = [prompt] * image.size(0) if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != image.size(0):
-            raise ValueError(f"got {len(prompts)} prompts for {image.size(0)} images; give one prompt or one per image")
-        return self._generate_from_prompts(
-            image,
-            prompts,
-            do_sample=use_nucleus_sampling,
-            top_p=top_p,
-            temperature=temperature,
-            num_beams=1 if use_nucleus_sampling else num_beams,
-            max_new_tokens=max_length,
-            min_new_tokens=min_length,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            num_return_sequences=num_captions,
-        )
-
-    @torch.no_grad()
-    def predict_answers(
-        self,
-        samples,
-        num_beams=5,
-        inference_method="generate",
-        max_len=10,
-        min_len=1,
-        num_ans_candidates=128,
-        answer_list=None,
-        prompt="",
-        length_penalty=0,
-        **kwargs,
-    ):
-        """Open-ended VQA: ``prompt.format(question)`` (when a prompt is given) then generation."""
-        if inference_method != "generate":
-            raise ValueError(f"inference_method {inference_method!r} is not supported by BLIP-2 OPT; use 'generate'")
-        questions = samples["text_input"]
-        questions = [questions] if isinstance(questions, str) else list(questions)
-        texts = [prompt.format(q) for q in questions] if prompt else questions
-        return self._generate_from_prompts(
-            samples["image"],
-            texts,
-            do_sample=False,
-            num_beams=num_beams,
-            max_new_tokens=max_len,
-            min_new_tokens=min_len,
-            length_penalty=length_penalty,
-        )
-
     @classmethod
     def from_config(cls, cfg):
         model = cls(
@@ -182,6 +151,6 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2OPT):
             opt_config=cfg.get("opt_config"),
             freeze_llm=cfg.get("freeze_llm", True),
             llm_precision=cfg.get("llm_precision", "fp16"),
+            qformer_text_input=cfg.get("qformer_text_input", False),
         )
-        model.load_checkpoint_from_config(cfg)
-        return model
+        return finish_from_config(model, cfg)

@@ -11,6 +11,7 @@ from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
 from lavis_ext.models.components import Blip2ComponentsMixin, vision_kwargs
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
+from lavis_ext.models.strategies import finish_from_config
 
 
 @registry.register_model("blip2_qformer_ext")
@@ -31,5 +32,4 @@ class Blip2QformerExt(Blip2ComponentsMixin, Blip2Qformer):
             embed_dim=cfg.get("embed_dim", 256),
             max_txt_len=cfg.get("max_txt_len", 32),
         )
-        model.load_checkpoint_from_config(cfg)
-        return model
+        return finish_from_config(model, cfg)

@@ -3,10 +3,13 @@
 Why not LAVIS's `Blip2T5.__init__`: its vendored `modeling_t5.T5ForConditionalGeneration` has no
 `.generate` under transformers >= 4.50 (`AttributeError: 'T5ForConditionalGeneration' object has no
 attribute 'generate'`, blip2_t5.py:228/296), and it always loads hub weights and casts T5 to bf16.
-Our ``__init__`` builds the same attributes with the hooks in :mod:`lavis_ext.models.components`,
-so LAVIS's `forward`, `generate` and `predict_answers` run unchanged on the HF class.
+Our ``__init__`` builds the same attributes with the hooks in :mod:`lavis_ext.models.components`.
+`forward`, `generate` and `predict_answers` follow LAVIS's but start from the shared
+`encode_queries` (so the question can reach the Q-Former) and train VQA on weighted answers.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -14,12 +17,17 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
+from lavis_ext.models.answers import expand_answers, weighted_sequence_loss
+from lavis_ext.models.generation import Blip2GenerationMixin
 from lavis_ext.models.components import Blip2ComponentsMixin, build_llm, env_path, vision_kwargs, resolve_dtype
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
+from lavis_ext.models.strategies import finish_from_config
+
+logger = logging.getLogger(__name__)
 
 
 @registry.register_model("blip2_t5_ext")
-class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
+class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
     """BLIP-2 Flan-T5. Real types keep LAVIS's names (``pretrain_flant5xl``, ``caption_coco_flant5xl``,
     ...); ``tiny`` is CPU-sized."""
 
@@ -47,16 +55,21 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
         llm_precision="bf16",
         cross_attention_freq=2,
         components=None,
+        qformer_text_input=False,
     ):
         self._remember_components(components)
         Blip2Base.__init__(self)  # skip Blip2T5.__init__ (see module docstring)
 
+        self.max_txt_len = max_txt_len  # the Q-Former's question tokenizer reads it
         self._build_vision_and_qformer(
             vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision, freeze_vit,
-            num_query_token, cross_attention_freq,
+            num_query_token, cross_attention_freq, qformer_text_input,
         )
 
-        # T5 overflows in fp16: the paper and LAVIS keep it in bf16 (fp32 on CPU, see the task).
+        # T5 overflows in fp16 (transformers#23918): the paper and LAVIS keep it in bf16 (fp32 on CPU).
+        if llm_precision == "fp16":
+            logger.warning("llm_precision fp16 overflows Flan-T5; storing it in bf16 instead")
+            llm_precision = "bf16"
         self.t5_tokenizer, self.t5_model = build_llm(
             "t5", env_path(t5_model), env_path(t5_tokenizer), t5_config, resolve_dtype(llm_precision, torch.bfloat16)
         )
@@ -65,17 +78,66 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
                 param.requires_grad = False
 
         self.t5_proj = nn.Linear(self.Qformer.config.hidden_size, self.t5_model.config.hidden_size)
-        self.max_txt_len = max_txt_len
         self.prompt = prompt
         self._apply_lemmatizer = apply_lemmatizer
         self._lemmatizer = None
 
+    def encode_image_for_llm(self, image: torch.Tensor, questions=None):
+        """Image (and question, see ``qformer_text_input``) -> query embeddings in T5's space, mask."""
+        inputs_t5 = self.t5_proj(self.encode_queries(image, questions))
+        atts_t5 = torch.ones(inputs_t5.size()[:-1], dtype=torch.long, device=image.device)
+        return inputs_t5, atts_t5
+
+    def _encoder_inputs(self, image, prompts, qformer_text, index=None):
+        """[query embeddings; embedded prompt] and their mask, rows repeated by ``index``."""
+        inputs_t5, atts_t5 = self.encode_image_for_llm(image, qformer_text)
+        if index is not None:
+            inputs_t5, atts_t5 = inputs_t5[index], atts_t5[index]
+            prompts = [prompts[i] for i in index]
+        tokens = self.t5_tokenizer(
+            prompts, padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+        ).to(image.device)
+        embeds = self.t5_model.get_input_embeddings()(tokens.input_ids)
+        inputs_embeds = torch.cat([inputs_t5.to(embeds.dtype), embeds], dim=1)
+        return inputs_embeds, torch.cat([atts_t5, tokens.attention_mask], dim=1)
+
     def forward(self, samples):
-        """Captioning batches carry only ``text_input`` (the caption): the prompt becomes the encoder
-        input and the caption the target, matching `generate`. VQA batches carry both fields."""
+        """Captioning batches carry only ``text_input`` (the caption): the model prompt is the encoder
+        input and the caption the target, matching `generate`. VQA batches (``text_output``) encode the
+        prompted question and target every distinct answer, weighted by its votes."""
+        image = samples["image"]
         if "text_output" not in samples:
-            samples = {**samples, "text_output": samples["text_input"], "text_input": [self.prompt] * len(samples["text_input"])}
-        return super().forward(samples)
+            prompts, qformer_text = [self.prompt] * image.size(0), None
+            targets, weights, index = list(samples["text_input"]), None, None
+        else:
+            prompts = list(samples["text_input"])
+            qformer_text = samples.get("question", prompts)
+            targets, weights, index = expand_answers(samples)
+        inputs_embeds, attention_mask = self._encoder_inputs(image, prompts, qformer_text, index)
+        with self.maybe_autocast(dtype=torch.bfloat16):
+            output_tokens = self.t5_tokenizer(
+                targets, padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+            ).to(image.device)
+            labels = output_tokens.input_ids.masked_fill(output_tokens.input_ids == self.t5_tokenizer.pad_token_id, -100)
+            outputs = self.t5_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                decoder_attention_mask=output_tokens.attention_mask,
+                labels=labels,
+                return_dict=True,
+            )
+        if weights is None:
+            return {"loss": outputs.loss}
+        return {"loss": weighted_sequence_loss(outputs.logits, labels, weights, num_questions=len(prompts))}
+
+    def _generate_from_prompts(self, image, prompts, qformer_text=None, **generate_kwargs):
+        inputs_embeds, attention_mask = self._encoder_inputs(image, list(prompts), qformer_text)
+        with self.maybe_autocast(dtype=torch.bfloat16):
+            outputs = self.t5_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+        return [text.strip() for text in self.t5_tokenizer.batch_decode(outputs, skip_special_tokens=True)]
+
+    def _postprocess_answers(self, answers):
+        return self._lemmatize(answers) if self._apply_lemmatizer else answers
 
     @classmethod
     def from_config(cls, cfg):
@@ -89,6 +151,6 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2T5):
             t5_config=cfg.get("t5_config"),
             freeze_llm=cfg.get("freeze_llm", True),
             llm_precision=cfg.get("llm_precision", "bf16"),
+            qformer_text_input=cfg.get("qformer_text_input", False),
         )
-        model.load_checkpoint_from_config(cfg)
-        return model
+        return finish_from_config(model, cfg)

@@ -72,16 +72,32 @@ class Blip2ComponentsMixin:
     def init_tokenizer(self, *args, **kwargs):
         from transformers import BertTokenizer
 
+        from lavis_ext.models import meta
+
         source = self._component("qformer_tokenizer") or "bert-base-uncased"
-        tokenizer = BertTokenizer.from_pretrained(source)
+        if meta.meta_build_active():  # a hub name gives the vocabulary-size stand-in (see lavis_ext.models.meta)
+            tokenizer = meta.tokenizer_for(source, BertTokenizer.from_pretrained)
+        else:
+            tokenizer = BertTokenizer.from_pretrained(source)
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
         return tokenizer
 
     def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
+        from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
         from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 
+        from lavis_ext.models import meta
+
         source = self._component("qformer_model", "bert-base-uncased")
-        if source:
+        on_meta = meta.meta_build_active()
+        if source and on_meta:
+            config = meta.llm_config(BertConfig, source)
+            if isinstance(self, Blip2Qformer):
+                # LAVIS's stage-1 __init__ resizes the embeddings to len(tokenizer) right after this hook;
+                # transformers initialises the new rows from the old ones' covariance, which needs values
+                # (Tensor.item() on meta). Built at the final size, the parameters are the same.
+                config.vocab_size = len(self.tokenizer)
+        elif source:
             config = BertConfig.from_pretrained(source)
         else:
             inline = _plain(self._component("qformer_config"))
@@ -95,7 +111,7 @@ class Blip2ComponentsMixin:
         config.add_cross_attention = True
         config.cross_attention_freq = cross_attention_freq
         config.query_length = num_query_token
-        if source:
+        if source and not on_meta:
             qformer = BertLMHeadModel.from_pretrained(source, config=config)
         else:
             qformer = BertLMHeadModel(config)
@@ -105,6 +121,15 @@ class Blip2ComponentsMixin:
 
     def init_vision_encoder(self, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
         if model_name != "tiny":
+            from lavis_ext.models import meta
+
+            if meta.meta_build_active():  # the same towers without the weight download
+                from lavis.models.blip2_models.blip2 import LayerNorm
+
+                visual_encoder = meta.vision_encoder_without_weights(
+                    model_name, img_size, drop_path_rate, use_grad_checkpoint, precision
+                )
+                return visual_encoder, LayerNorm(visual_encoder.num_features)
             # eva_clip_g / clip_L: LAVIS's builders, weights from LAVIS's URLs through the timm cache.
             return super().init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint, precision)
         from lavis.models.blip2_models.blip2 import LayerNorm
@@ -136,8 +161,14 @@ class Blip2ComponentsMixin:
 
         LAVIS 1.0.2 always calls `load_from_pretrained(None)` when no checkpoint is configured and
         fails with `TypeError: expected string or bytes-like object, got 'NoneType'`
-        (common/utils.py:404); training from scratch needs no checkpoint.
+        (common/utils.py:404); training from scratch needs no checkpoint. A meta build
+        (:mod:`lavis_ext.models.meta`) has no weights to load into and reads nothing.
         """
+        from lavis_ext.models import meta
+
+        if meta.meta_build_active():
+            logger.info("meta build: checkpoints are not read")
+            return None
         if cfg.get("load_finetuned", False):
             path = cfg.get("finetuned")
             if not path:
@@ -148,15 +179,38 @@ class Blip2ComponentsMixin:
         logger.info("no pretrained/finetuned checkpoint configured: weights are as initialised")
         return None
 
+    def load_checkpoint(self, url_or_filename):
+        """Our ``.safetensors`` checkpoints (trainable tensors only, see :mod:`lavis_ext.checkpoints`)
+        load without pickle; anything else goes to LAVIS's loader (``.pth`` files and URLs)."""
+        path = env_path(str(url_or_filename))
+        if path.endswith(".safetensors"):
+            from lavis_ext.checkpoints import load_trainable
+
+            return load_trainable(self, path, require_all_trainable=False)
+        return super().load_checkpoint(url_or_filename=path)
+
+    def load_from_pretrained(self, url_or_filename):
+        """``pretrained:`` may name one of our ``.safetensors`` checkpoints of an earlier stage: the
+        tensors that fit are loaded and the rest reported (:func:`lavis_ext.checkpoints.init_from`)."""
+        path = env_path(str(url_or_filename))
+        if path.endswith(".safetensors"):
+            from lavis_ext.checkpoints import init_from
+
+            return init_from(self, path)
+        return super().load_from_pretrained(url_or_filename=path)
+
     # ---- helpers used by our model classes ----------------------------------------------------
     def _build_vision_and_qformer(
         self, vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision, freeze_vit,
-        num_query_token, cross_attention_freq,
+        num_query_token, cross_attention_freq, qformer_text_input=False,
     ) -> None:
         """The image side shared by BLIP-2 OPT and Flan-T5 (stage 2): tokenizer, ViT, Q-Former queries.
 
-        The Q-Former's text-side modules are dropped as LAVIS does: stage 2 uses only the query path.
+        The Q-Former's text-side modules are dropped as LAVIS does (stage 2 uses only the query path),
+        unless ``qformer_text_input``: the paper's VQA fine-tuning feeds the question to the Q-Former,
+        which needs its word/position embeddings and the text feed-forward layers.
         """
+        self.qformer_text_input = bool(qformer_text_input)
         self.tokenizer = self.init_tokenizer()
         self.visual_encoder, self.ln_vision = self.init_vision_encoder(
             vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision
@@ -167,11 +221,40 @@ class Blip2ComponentsMixin:
             num_query_token, self.visual_encoder.num_features, cross_attention_freq
         )
         self.Qformer.cls = None
-        self.Qformer.bert.embeddings.word_embeddings = None
-        self.Qformer.bert.embeddings.position_embeddings = None
-        for layer in self.Qformer.bert.encoder.layer:
-            layer.output = None
-            layer.intermediate = None
+        if not self.qformer_text_input:
+            self.Qformer.bert.embeddings.word_embeddings = None
+            self.Qformer.bert.embeddings.position_embeddings = None
+            for layer in self.Qformer.bert.encoder.layer:
+                layer.output = None
+                layer.intermediate = None
+
+    def encode_queries(self, image: torch.Tensor, questions=None) -> torch.Tensor:
+        """Image (and, with ``qformer_text_input``, the question) -> the Q-Former's query outputs."""
+        with self.maybe_autocast():
+            image_embeds = self.ln_vision(self.visual_encoder(image))
+        image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=image.device)
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        if getattr(self, "qformer_text_input", False) and questions is not None:
+            text = self.tokenizer(
+                list(questions), padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+            ).to(image.device)
+            query_atts = torch.ones(query_tokens.size()[:-1], dtype=torch.long, device=image.device)
+            output = self.Qformer.bert(
+                text.input_ids,
+                attention_mask=torch.cat([query_atts, text.attention_mask], dim=1),
+                query_embeds=query_tokens,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_atts,
+                return_dict=True,
+            )
+        else:
+            output = self.Qformer.bert(
+                query_embeds=query_tokens,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_atts,
+                return_dict=True,
+            )
+        return output.last_hidden_state[:, : query_tokens.size(1)]
 
     def _freeze(self, module: nn.Module, name: str) -> nn.Module:
         from lavis.models.blip2_models.blip2 import disabled_train
@@ -188,16 +271,24 @@ def build_llm(kind: str, source: str | None, tokenizer_source: str | None, inlin
     """Return (tokenizer, model) for kind 'opt' or 't5'.
 
     ``source`` (hub name or local dir) loads real weights exactly as LAVIS does; with no source a
-    randomly initialised model is built from ``inline`` config sized to the tokenizer.
+    randomly initialised model is built from ``inline`` config sized to the tokenizer. In a meta build
+    (:mod:`lavis_ext.models.meta`) ``source`` gives only the config (a hub name: its offline facts) and
+    no weights are read; a hub tokenizer is the vocabulary-size stand-in.
     """
     import transformers
 
+    from lavis_ext.models import meta
+
+    on_meta = meta.meta_build_active()
     tok_source = tokenizer_source or source
     if not tok_source:
         raise ValueError(f"{kind}: set {kind}_model (weights) or {kind}_tokenizer (with {kind}_config)")
     if kind == "opt":
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_source, use_fast=False)
-        if source:
+        load_tokenizer = partial(transformers.AutoTokenizer.from_pretrained, use_fast=False)
+        tokenizer = meta.tokenizer_for(tok_source, load_tokenizer) if on_meta else load_tokenizer(tok_source)
+        if source and on_meta:
+            model = transformers.OPTForCausalLM(meta.llm_config(transformers.OPTConfig, source)).to(dtype)
+        elif source:
             model = transformers.OPTForCausalLM.from_pretrained(source, torch_dtype=dtype)
         else:
             config = transformers.OPTConfig(
@@ -209,11 +300,15 @@ def build_llm(kind: str, source: str | None, tokenizer_source: str | None, inlin
             )
             model = transformers.OPTForCausalLM(config).to(dtype)
     elif kind == "t5":
-        tokenizer = transformers.T5TokenizerFast.from_pretrained(tok_source)
+        load_tokenizer = transformers.T5TokenizerFast.from_pretrained
+        tokenizer = meta.tokenizer_for(tok_source, load_tokenizer) if on_meta else load_tokenizer(tok_source)
         if source:
-            config = transformers.T5Config.from_pretrained(source)
+            config = meta.llm_config(transformers.T5Config, source) if on_meta else transformers.T5Config.from_pretrained(source)
             config.dense_act_fn = "gelu"  # as LAVIS's Blip2T5 does, so its checkpoints behave the same
-            model = transformers.T5ForConditionalGeneration.from_pretrained(source, config=config, torch_dtype=dtype)
+            if on_meta:
+                model = transformers.T5ForConditionalGeneration(config).to(dtype)
+            else:
+                model = transformers.T5ForConditionalGeneration.from_pretrained(source, config=config, torch_dtype=dtype)
         else:
             config = transformers.T5Config(
                 vocab_size=len(tokenizer),
@@ -235,12 +330,21 @@ def vision_kwargs(cfg) -> dict:
         "img_size": cfg.get("image_size"),
         "drop_path_rate": cfg.get("drop_path_rate", 0),
         "use_grad_checkpoint": cfg.get("use_grad_checkpoint", False),
-        "vit_precision": cfg.get("vit_precision", "fp16"),
+        "vit_precision": _vit_precision(cfg),
         "freeze_vit": cfg.get("freeze_vit", True),
         "num_query_token": cfg.get("num_query_token"),
         "cross_attention_freq": cfg.get("cross_attention_freq", 2),
         "components": component_kwargs(cfg),
     }
+
+
+def _vit_precision(cfg) -> str:
+    """A ViT that trains stays fp32: fp16 ViT training diverges (LAVIS#409), as the paper notes."""
+    precision = cfg.get("vit_precision", "fp16")
+    if precision == "fp16" and not cfg.get("freeze_vit", True):
+        logger.info("freeze_vit is false: keeping the ViT in fp32 instead of vit_precision fp16")
+        return "fp32"
+    return precision
 
 
 def component_kwargs(cfg) -> dict:

@@ -7,18 +7,18 @@ LAVIS 1.0.2; nothing is copied.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from lavis.common.dist_utils import get_rank, get_world_size, is_main_process
+from lavis.common.dist_utils import get_rank, get_world_size, is_main_process, main_process
 from lavis.common.registry import registry
 from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import ChainDataset, DataLoader, DistributedSampler, IterableDataset
 
+from lavis_ext.checkpoints import load_trainable, restore_optimizer, save_checkpoint
+from lavis_ext.models.strategies import format_parameter_report
 from lavis_ext.runners.tracking import RunTracker
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,17 @@ class RunnerBaseExt(RunnerBase):
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
+
+    @property
+    def scaler(self):
+        """A loss scaler only where it is needed: fp16 autocast on a GPU. LAVIS creates
+        `torch.cuda.amp.GradScaler` whenever `amp` is on (also for bf16, and on CPU)."""
+        if self._scaler is None and self.config.run_cfg.get("amp", False):
+            from lavis_ext.tasks.base import resolve_amp_dtype
+
+            if resolve_amp_dtype(self.config.run_cfg, self.device, self._model) == torch.float16:
+                self._scaler = torch.amp.GradScaler(self.device.type)
+        return self._scaler
 
     def setup_output_dir(self):
         """A relative `run.output_dir` is relative to the working directory. LAVIS joins it to the
@@ -164,38 +175,43 @@ class RunnerBaseExt(RunnerBase):
         return super().eval_epoch(split_name, cur_epoch, skip_reload=skip_reload)
 
     # ---- checkpoints ------------------------------------------------------------------------
+    def checkpoint_path(self, tag) -> Path:
+        return Path(self.output_dir) / f"checkpoint_{tag}.safetensors"
+
+    @main_process
+    def _save_checkpoint(self, cur_epoch, is_best=False):
+        """Trainable tensors, optimizer and scaler state as safetensors, written atomically
+        (:mod:`lavis_ext.checkpoints`); LAVIS pickles the lot with ``torch.save`` in place."""
+        path = self.checkpoint_path("best" if is_best else cur_epoch)
+        save_checkpoint(
+            path,
+            self.unwrap_dist_model(self.model),
+            config=self.config.to_dict(),
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            epoch=cur_epoch,
+        )
+        logger.info("saved checkpoint of epoch %s to %s", cur_epoch, path)
+
     def _load_checkpoint(self, url_or_filename):
         """Resume. LAVIS saves only trainable tensors but loads strictly (RuntimeError: Missing key(s)
-        ... "visual_encoder.cls_token"): load non-strictly, and refuse keys the model does not have."""
-        if not os.path.isfile(url_or_filename):
-            raise FileNotFoundError(f"run.resume_ckpt_path {url_or_filename!r} does not exist")
-        checkpoint = torch.load(url_or_filename, map_location=self.device, weights_only=True)
+        ... "visual_encoder.cls_token"); here the trainable tensors must all be there and nothing else."""
         model = self.unwrap_dist_model(self.model)
-        result = model.load_state_dict(checkpoint["model"], strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(
-                f"checkpoint {url_or_filename} has keys this model lacks: {result.unexpected_keys[:5]}; "
-                "was it written by a different model config?"
-            )
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        missing_trainable = sorted(trainable & set(result.missing_keys))
-        if missing_trainable:
-            raise RuntimeError(f"checkpoint {url_or_filename} lacks trainable tensors {missing_trainable[:5]}")
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scaler and checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.start_epoch = checkpoint["epoch"] + 1
+        load_trainable(model, url_or_filename, require_all_trainable=True)
+        meta = restore_optimizer(self.optimizer, url_or_filename, scaler=self.scaler)
+        if "epoch" not in meta:
+            raise ValueError(f"checkpoint {url_or_filename} records no epoch; it cannot resume a run")
+        self.start_epoch = meta["epoch"] + 1
         logger.info("resumed from %s at epoch %d", url_or_filename, self.start_epoch)
 
     def _reload_best_model(self, model):
-        """LAVIS raises FileNotFoundError on checkpoint_best.pth when no validation score ever beat 0;
+        """LAVIS raises FileNotFoundError on the best checkpoint when no validation score ever beat 0;
         then the current weights are the best we have."""
-        best = os.path.join(self.output_dir, "checkpoint_best.pth")
-        if not os.path.isfile(best):
-            logger.warning("no checkpoint_best.pth (validation never improved on 0): testing the current weights")
+        best = self.checkpoint_path("best")
+        if not best.is_file():
+            logger.warning("no %s (validation never improved on 0): testing the current weights", best.name)
             return model
-        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"], strict=False)
+        load_trainable(model, best)
         return model
 
     # ---- logging ----------------------------------------------------------------------------
@@ -207,6 +223,10 @@ class RunnerBaseExt(RunnerBase):
             self.tracker.scalars(split_name, curves, step)
 
     def train(self):
+        report = format_parameter_report(self.unwrap_dist_model(self.model))
+        logger.info("parameters:\n%s", report)
+        if is_main_process():
+            (Path(self.output_dir) / "parameters.txt").write_text(report + "\n")
         try:
             return super().train()
         finally:

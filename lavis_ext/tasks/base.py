@@ -22,9 +22,12 @@ from lavis.common.registry import registry
 from lavis.datasets.data_utils import apply_to_sample
 from tqdm.auto import tqdm
 
+from lavis_ext.models.strategies import llm_of
+
 logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_warned_t5_fp16: list = []  # warn once per process
 
 
 def move_to_device(sample, device: torch.device):
@@ -41,6 +44,26 @@ def write_metrics(split_name: str, epoch, record: dict, metrics: dict) -> None:
         f.write(json.dumps({split_name: metrics}) + "\n")
 
 
+def resolve_amp_dtype(run_cfg, device: torch.device, model=None) -> torch.dtype | None:
+    """The autocast dtype of a run: None (fp32) on CPU or with ``amp: false``, else ``amp_dtype``.
+
+    Flan-T5 is never autocast to fp16: its activations overflow there (transformers#23918; the paper
+    and LAVIS run it in bf16), so fp16 is replaced by bf16 for T5 models, with a warning.
+    """
+    if not run_cfg.get("amp", False) or device.type == "cpu":
+        return None
+    name = str(run_cfg.get("amp_dtype", "bf16"))
+    if name not in AMP_DTYPES:
+        raise ValueError(f"run.amp_dtype {name!r} is not one of {sorted(AMP_DTYPES)}")
+    core = getattr(model, "module", model)
+    if name == "fp16" and core is not None and llm_of(core)[0] == "t5":
+        if not _warned_t5_fp16:
+            logger.warning("run.amp_dtype fp16 overflows Flan-T5; autocasting in bf16 instead")
+            _warned_t5_fp16.append(True)
+        name = "bf16"
+    return AMP_DTYPES[name]
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -51,6 +74,8 @@ class TaskExtMixin:
     run_cfg = None
     tracker = None
     global_step = 0
+    nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, whole run
+    nonfinite_in_row = 0
 
     def attach_run(self, run_cfg, tracker) -> None:
         """Called by the runner: the run config (precision, clipping) and where to log."""
@@ -68,14 +93,29 @@ class TaskExtMixin:
             model = model.float()
         return model
 
-    def _autocast(self, device: torch.device):
-        amp = self._run_get("amp", False)
-        if not amp or device.type != "cuda":
+    def _autocast(self, device: torch.device, model=None):
+        dtype = resolve_amp_dtype(self.run_cfg or {}, device, model)
+        if dtype is None:
             return contextlib.nullcontext()
-        dtype = AMP_DTYPES.get(str(self._run_get("amp_dtype", "bf16")), torch.bfloat16)
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     # ---- training -----------------------------------------------------------------------------
+    def _count_nonfinite(self, what: str, step: int) -> None:
+        """Skip this step's update, count it, and stop after ``run.max_nonfinite_in_row`` in a row."""
+        self.nonfinite_steps += 1
+        self.nonfinite_in_row += 1
+        limit = int(self._run_get("max_nonfinite_in_row", 20))
+        logger.warning("step %d: non-finite %s, update skipped (%d in a row, %d in this run)",
+                       step, what, self.nonfinite_in_row, self.nonfinite_steps)
+        if self.tracker is not None:
+            self.tracker.scalar("train/nonfinite_steps", self.nonfinite_steps, step)
+        if self.nonfinite_in_row >= limit:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_row} non-finite losses/gradients in a row (step {step}, run.max_nonfinite_in_row="
+                f"{limit}); lower run.init_lr, set run.max_grad_norm, use run.amp_dtype: bf16 instead of fp16, "
+                "or check the data"
+            )
+
     def _train_inner_loop(
         self,
         epoch,
@@ -97,6 +137,7 @@ class TaskExtMixin:
         base_step = (start_iters if start_iters is not None else epoch * iters_per_epoch)
         max_norm = self._run_get("max_grad_norm", None)
         loss_sum = torch.zeros((), device=device)
+        window_ok = True  # no non-finite loss or gradient in this accumulation window
         progress = tqdm(
             range(iters_per_epoch),
             desc=f"train epoch {epoch}",
@@ -108,22 +149,32 @@ class TaskExtMixin:
             samples = move_to_device(next(data_loader), device)
             samples.update({"epoch": inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
             lr_scheduler.step(cur_epoch=inner_epoch, cur_step=i)
-            with self._autocast(device):
+            with self._autocast(device, model):
                 loss = self.train_step(model=model, samples=samples)
             scaled = loss / accum_grad_iters
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            # Checked after backward is queued, so on a GPU this waits only for the forward pass.
+            if not torch.isfinite(loss.detach()).item():
+                window_ok = False
+                self._count_nonfinite(f"loss {loss.item()}", base_step + i + 1)
             if (i + 1) % accum_grad_iters == 0:
-                if max_norm:
+                if window_ok and max_norm:
                     if scaler is not None:
                         scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(max_norm))
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(max_norm))
+                    if scaler is None and not torch.isfinite(norm).item():
+                        window_ok = False
+                        self._count_nonfinite(f"gradient norm {norm.item()}", base_step + i + 1)
+                if window_ok:
+                    self.nonfinite_in_row = 0
+                    if scaler is not None:
+                        scaler.step(optimizer)  # GradScaler skips inf/nan fp16 steps on its own
+                        scaler.update()
+                    else:
+                        optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+                window_ok = True
+            loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
             self.global_step = base_step + i + 1
             if (i + 1) % log_freq == 0 or i + 1 == iters_per_epoch:
                 # One host sync per log interval, not per step.
@@ -143,7 +194,11 @@ class TaskExtMixin:
         logger.info("epoch %d: mean loss %.4f, last lr %.3e", epoch, mean_loss, optimizer.param_groups[0]["lr"])
         if self.tracker is not None:
             self.tracker.scalar("train/epoch_loss", mean_loss, self.global_step)
-        return {"loss": f"{mean_loss:.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.6f}"}
+        return {
+            "loss": f"{mean_loss:.3f}",
+            "lr": f"{optimizer.param_groups[0]['lr']:.6f}",
+            "nonfinite_steps": self.nonfinite_steps,
+        }
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,7 +208,7 @@ class TaskExtMixin:
         results = []
         for samples in tqdm(data_loader, desc="evaluate", disable=not is_main_process(), dynamic_ncols=True, mininterval=1.0):
             samples = move_to_device(samples, device)
-            with self._autocast(device):
+            with self._autocast(device, model):
                 results.extend(self.valid_step(model=model, samples=samples))
         if dist.is_initialized():
             dist.barrier()

@@ -52,8 +52,9 @@ def test_train_then_test_through_train_py(synthetic_root, tmp_path):
     assert len(results) == 32 and set(results[0]) == {"image_id", "caption"}
     assert (run_dir / "curves.png").stat().st_size > 1000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert (run_dir / "checkpoint_best.pth").exists() or (run_dir / "checkpoint_0.pth").exists()
+    assert (run_dir / "checkpoint_best.safetensors").exists() or (run_dir / "checkpoint_0.safetensors").exists()
     assert "Train: data epoch" not in (run_dir / "run.log").read_text()  # our loop, not LAVIS's
+    assert "Qformer" in (run_dir / "parameters.txt").read_text()
     from lavis_ext.summary import summarise
 
     assert summarise(tmp_path)["metrics"]["CIDEr"] == record["metrics"]["CIDEr"]
@@ -63,12 +64,12 @@ def test_resume_from_checkpoint_continues_at_next_epoch(synthetic_root, tmp_path
     base = ["--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options", *QUICK,
             *shard_options(synthetic_root), "run.valid_splits=[]", "run.test_splits=[]"]
     first = cli.train(base + [f"run.output_dir={tmp_path / 'a'}"])
-    ckpt = Path(first.output_dir) / "checkpoint_0.pth"
+    ckpt = Path(first.output_dir) / "checkpoint_0.safetensors"
     assert ckpt.exists()
     second = cli.train(base + [f"run.output_dir={tmp_path / 'b'}", "run.max_epoch=2", f"run.resume_ckpt_path={ckpt}"])
     assert second.start_epoch == 1
-    assert (Path(second.output_dir) / "checkpoint_1.pth").exists()
-    assert not (Path(second.output_dir) / "checkpoint_0.pth").exists()
+    assert (Path(second.output_dir) / "checkpoint_1.safetensors").exists()
+    assert not (Path(second.output_dir) / "checkpoint_0.safetensors").exists()
 
 
 def test_unknown_run_key_fails_before_any_work(synthetic_root, tmp_path):

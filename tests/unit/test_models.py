@@ -3,28 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lavis.common.registry import registry
 from omegaconf import OmegaConf
+from tiny_models import images, tiny_model
 
 ARCHS = ["blip2_opt_ext", "blip2_t5_ext"]
-
-
-def tiny_model(arch: str, **overrides):
-    cls = registry.get_model_class(arch)
-    cfg = OmegaConf.load(cls.default_config_path("tiny")).model
-    cfg = OmegaConf.merge(cfg, overrides)
-    torch.manual_seed(0)
-    return cls.from_config(cfg)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def model(request, synthetic_root):
     return tiny_model(request.param)
-
-
-def images(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 64, 64, generator=g)
 
 
 def test_forward_backward_reaches_every_trainable_part(model):

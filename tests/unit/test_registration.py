@@ -79,3 +79,17 @@ def test_unknown_builder_fails():
     cfg.datasets = {"wds_captoin": {}}
     with pytest.raises(ConfigError, match="wds_caption"):
         check_names(cfg)
+
+
+def test_model_type_option_loads_that_types_defaults():
+    """LAVIS bug: `--options model.model_type=X` kept the project type's defaults under X's name."""
+    from argparse import Namespace
+
+    from lavis_ext.config import project_config
+
+    args = Namespace(cfg_path=str(REPO_PROJECT), options=["model.model_type=pretrain_opt2.7b"])
+    model = project_config(args).model_cfg
+    assert model.model_type == "pretrain_opt2.7b"
+    assert model.opt_model == "facebook/opt-2.7b" and model.image_size == 224 and "vit_config" not in model
+    plain = project_config(Namespace(cfg_path=str(REPO_PROJECT), options=None)).model_cfg
+    assert plain.model_type == "tiny" and plain.vit_model == "tiny"

@@ -1,0 +1,83 @@
+"""Captioning and VQA generation shared by BLIP-2 OPT and Flan-T5.
+
+LAVIS's `generate` passes `max_length`, which on current transformers counts the query embeddings and
+the prompt (LAVIS#707: captions collapse or fail), and BLIP-2 OPT in 1.0.2 has no `predict_answers`.
+Both models implement ``_generate_from_prompts(image, prompts, qformer_text, **hf_generate_kwargs)``;
+the methods here turn LAVIS's arguments into Hugging Face ones with ``max_new_tokens`` only.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Blip2GenerationMixin:
+    """Mix in before the LAVIS class: LAVIS's `generate` / `predict_answers` signatures."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        samples,
+        use_nucleus_sampling=False,
+        num_beams=5,
+        max_length=30,
+        min_length=1,
+        top_p=0.9,
+        repetition_penalty=1.0,
+        length_penalty=1.0,
+        num_captions=1,
+        temperature=1,
+    ):
+        """Caption images; returns ``batch_size * num_captions`` strings (image-major order)."""
+        image = samples["image"]
+        prompt = samples.get("prompt", self.prompt)
+        prompts = [prompt] * image.size(0) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != image.size(0):
+            raise ValueError(f"got {len(prompts)} prompts for {image.size(0)} images; give one prompt or one per image")
+        return self._generate_from_prompts(
+            image,
+            prompts,
+            do_sample=use_nucleus_sampling,
+            top_p=top_p,
+            temperature=temperature,
+            num_beams=1 if use_nucleus_sampling else num_beams,
+            max_new_tokens=max_length,
+            min_new_tokens=min_length,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            num_return_sequences=num_captions,
+        )
+
+    @torch.no_grad()
+    def predict_answers(
+        self,
+        samples,
+        num_beams=5,
+        inference_method="generate",
+        max_len=10,
+        min_len=1,
+        num_ans_candidates=128,
+        answer_list=None,
+        prompt="",
+        length_penalty=-1,
+        **kwargs,
+    ):
+        """Open-ended VQA: ``prompt.format(question)`` (when a prompt is given) then generation."""
+        if inference_method != "generate":
+            raise ValueError(f"inference_method {inference_method!r} is not supported by BLIP-2; use 'generate'")
+        questions = samples["text_input"]
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        texts = [prompt.format(q) for q in questions] if prompt else questions
+        answers = self._generate_from_prompts(
+            samples["image"],
+            texts,
+            qformer_text=samples.get("question", questions),
+            do_sample=False,
+            num_beams=num_beams,
+            max_new_tokens=max_len,
+            min_new_tokens=min_len,
+            length_penalty=length_penalty,
+        )
+        return self._postprocess_answers(answers)
+
+    def _postprocess_answers(self, answers):
+        return answers

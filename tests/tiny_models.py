@@ -1,0 +1,24 @@
+"""Tiny BLIP-2 models and inputs shared by the unit tests (needs the `synthetic_root` fixture first:
+the tiny configs read their tokenizers from $LAVIS_EXT_DATA)."""
+from __future__ import annotations
+
+import torch
+from lavis.common.registry import registry
+from omegaconf import OmegaConf
+
+
+def tiny_config(arch: str, **overrides):
+    cls = registry.get_model_class(arch)
+    return OmegaConf.merge(OmegaConf.load(cls.default_config_path("tiny")).model, overrides)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    """The tiny model of ``arch`` with config ``overrides``, initialised from ``seed``."""
+    cls = registry.get_model_class(arch)
+    torch.manual_seed(seed)
+    return cls.from_config(tiny_config(arch, **overrides))
+
+
+def images(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 64, 64, generator=g)
