@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
+import torch
 import torch.nn as nn
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def apply_training_strategy(model: nn.Module, cfg) -> nn.Module:
         inject_lora(llm, get("lora_llm"), family, "model.lora_llm")
     if get("lora_qformer"):
         inject_lora(model.Qformer, get("lora_qformer"), "qformer", "model.lora_qformer")
+    upcast_trainable(model)
     if get("qformer_grad_checkpoint", False):
         # LAVIS's BertEncoder checks this flag on its config in training mode.
         model.Qformer.config.gradient_checkpointing = True
@@ -112,6 +114,21 @@ def apply_training_strategy(model: nn.Module, cfg) -> nn.Module:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         llm.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return model
+
+
+def upcast_trainable(model: nn.Module) -> int:
+    """Keep every trainable tensor in fp32 (frozen towers may stay in half precision).
+
+    AdamW updates on fp16/bf16 master weights lose small steps; autocast does the half-precision
+    compute. peft's ``inject_adapter_in_model`` gives adapters the base layer's dtype (only
+    ``PeftModel`` upcasts them), and a trainable LLM loaded in ``llm_precision`` fp16 needs the same.
+    """
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+            count += 1
+    return count
 
 
 def merge_lora(model: nn.Module) -> int:

@@ -20,6 +20,7 @@ from torch.utils.data import ChainDataset, DataLoader, DistributedSampler, Itera
 from lavis_ext.checkpoints import load_trainable, restore_optimizer, save_checkpoint
 from lavis_ext.models.strategies import format_parameter_report
 from lavis_ext.runners.tracking import RunTracker
+from lavis_ext.tasks.base import resolve_amp_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ class RunnerBaseExt(RunnerBase):
         """A loss scaler only where it is needed: fp16 autocast on a GPU. LAVIS creates
         `torch.cuda.amp.GradScaler` whenever `amp` is on (also for bf16, and on CPU)."""
         if self._scaler is None and self.config.run_cfg.get("amp", False):
-            from lavis_ext.tasks.base import resolve_amp_dtype
-
             if resolve_amp_dtype(self.config.run_cfg, self.device, self._model) == torch.float16:
                 self._scaler = torch.amp.GradScaler(self.device.type)
         return self._scaler

@@ -95,6 +95,19 @@ def test_vqa_t5_train_and_score(synthetic_root, tmp_path):
     assert 0.0 <= record["metrics"]["overall"] <= 100.0
 
 
+def test_vqa_finetuning_lifts_accuracy_far_above_the_untrained_model(synthetic_root, tmp_path):
+    """OPT with the paper's VQA recipe in miniature (weighted answers, question into the Q-Former)."""
+    options = [*QUICK[:-1], "run.max_len=3", "run.max_epoch=3", "run.warmup_steps=30", "run.valid_splits=[]",
+               *shard_options(synthetic_root, "wds_vqa")]
+    project = ["--cfg-path", str(REPO / "projects/tiny/vqa_opt.yaml"), "--options", *options]
+    untrained, _ = cli.evaluate(project + [f"run.output_dir={tmp_path / 'untrained'}", "run.evaluate=true"])
+    trained = cli.train(project + [f"run.output_dir={tmp_path / 'trained'}"])
+    before = metrics_of(Path(untrained.output_dir), "test", epoch="best")["metrics"]["overall"]
+    after = metrics_of(Path(trained.output_dir), "test")["metrics"]["overall"]
+    assert before < 5.0
+    assert after > before + 25.0, (before, after)
+
+
 def test_two_process_torchrun_merges_every_rank(synthetic_root, tmp_path):
     env = {**os.environ, "LAVIS_EXT_DATA": str(synthetic_root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

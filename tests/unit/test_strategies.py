@@ -8,7 +8,7 @@ import pytest
 import torch
 from lavis.common.optims import LinearWarmupCosineLRScheduler
 from omegaconf import OmegaConf
-from tiny_models import images, tiny_config, tiny_model
+from tiny_models import images, tiny_model
 
 from lavis_ext.checkpoints import load_trainable, read_checkpoint, save_checkpoint
 from lavis_ext.models.strategies import format_parameter_report, merge_lora, parameter_report
@@ -237,3 +237,27 @@ def test_init_from_a_checkpoint_of_another_size_fails_naming_tensors(synthetic_r
     path = save_checkpoint(tmp_path / "other.safetensors", other)
     with pytest.raises(ValueError, match=r"does not fit this model config: \['query_tokens \(1, 8, 64\) vs \(1, 16, 64\)"):
         tiny_model("blip2_opt_ext", load_pretrained=True, pretrained=str(path))
+
+
+def test_trainable_tensors_are_fp32_while_frozen_towers_stay_half(synthetic_root):
+    lora = tiny_model("blip2_opt_ext", **FROZEN_ALL, llm_precision="fp16", lora_llm=LORA)
+    dtypes = {n: p.dtype for n, p in lora.opt_model.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.float16}
+    full = tiny_model("blip2_opt_ext", freeze_vit=False, freeze_llm=False, llm_precision="fp16")
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    t5 = tiny_model("blip2_t5_ext", **FROZEN_ALL, llm_precision="fp16")
+    assert {p.dtype for p in t5.t5_model.parameters()} == {torch.bfloat16}  # never fp16
+
+
+def test_precision_policy(synthetic_root):
+    from lavis_ext.tasks.base import resolve_amp_dtype
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    amp = {"amp": True, "amp_dtype": "fp16"}
+    assert resolve_amp_dtype(amp, cpu) is None  # CPU runs fp32
+    assert resolve_amp_dtype({"amp": False, "amp_dtype": "bf16"}, cuda) is None
+    assert resolve_amp_dtype(amp, cuda, tiny_model("blip2_opt_ext")) == torch.float16
+    assert resolve_amp_dtype(amp, cuda, tiny_model("blip2_t5_ext")) == torch.bfloat16  # T5 overflows in fp16
+    with pytest.raises(ValueError, match="'fp8'"):
+        resolve_amp_dtype({"amp": True, "amp_dtype": "fp8"}, cuda)

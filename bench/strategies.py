@@ -1,0 +1,113 @@
+"""Step time and peak memory of each training strategy, as ratios to full fine-tuning.
+
+Every strategy runs in its own fresh interpreter (peak RSS is per process) on the same model size,
+batch and seed: build the BLIP-2 OPT, run warm-up steps, then time ``--steps`` training steps
+(forward, backward, AdamW). Memory is the peak RSS of the process minus its RSS before the model was
+built, i.e. what the model, its gradients, optimizer state and activations add. On a CUDA machine
+(``--device cuda``) it reports ``torch.cuda.max_memory_allocated`` instead.
+
+Usage: python bench/strategies.py [--size tiny|small] [--steps 20] [--batch 16] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+STRATEGIES = {
+    "full": {"freeze_vit": False, "freeze_llm": False},
+    "vit_unfrozen": {"freeze_vit": False, "freeze_llm": True},
+    "qformer_only": {"freeze_vit": True, "freeze_llm": True},
+    "lora_llm": {"freeze_vit": True, "freeze_llm": True, "lora_llm": {"r": 8, "alpha": 16, "dropout": 0.05}},
+    "lora_llm+grad_ckpt": {
+        "freeze_vit": True, "freeze_llm": True, "lora_llm": {"r": 8, "alpha": 16, "dropout": 0.05},
+        "use_grad_checkpoint": True, "qformer_grad_checkpoint": True, "llm_grad_checkpoint": True,
+    },
+}
+# "small" widens every tower so that the strategies' differences stand out from the interpreter's own memory.
+SIZES = {
+    "tiny": {},
+    "small": {
+        "vit_config": {"patch_size": 8, "width": 256, "depth": 6, "heads": 8},
+        "qformer_config": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 1024},
+        "opt_config": {"hidden_size": 512, "ffn_dim": 2048, "num_hidden_layers": 6, "num_attention_heads": 8,
+                       "word_embed_proj_dim": 512},
+    },
+}
+
+CHILD = r"""
+import json, os, resource, statistics, sys, time
+import torch
+import lavis_ext
+from lavis.common.registry import registry
+from omegaconf import OmegaConf
+
+args = json.loads(sys.argv[1])
+torch.manual_seed(0)
+device = torch.device(args["device"])
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+before = rss_mib()
+cls = registry.get_model_class("blip2_opt_ext")
+cfg = OmegaConf.merge(OmegaConf.load(cls.default_config_path("tiny")).model, args["size"], args["strategy"])
+model = cls.from_config(cfg).to(device).train()
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=1e-4)
+g = torch.Generator().manual_seed(0)
+batch = {"image": torch.randn(args["batch"], 3, 64, 64, generator=g).to(device),
+         "text_input": ["a photo of a red circle left of a blue square"] * args["batch"]}
+def step():
+    loss = model(batch)["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+for _ in range(3):
+    step()
+times = []
+for _ in range(args["steps"]):
+    if device.type == "cuda": torch.cuda.synchronize()
+    t = time.perf_counter(); step()
+    if device.type == "cuda": torch.cuda.synchronize()
+    times.append(time.perf_counter() - t)
+if device.type == "cuda":
+    memory = torch.cuda.max_memory_allocated() / 2**20
+else:
+    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+print(json.dumps({"step_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "memory_mib": memory,
+                  "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def run(strategy: dict, size: dict, steps: int, batch: int, device: str) -> dict:
+    payload = json.dumps({"strategy": strategy, "size": size, "steps": steps, "batch": batch, "device": device})
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, payload], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    results = {name: run(s, SIZES[args.size], args.steps, args.batch, args.device) for name, s in STRATEGIES.items()}
+    full = results["full"]
+    unit = "peak RSS added" if args.device == "cpu" else "peak CUDA memory"
+    print(f"| strategy | trainable / total | step (median, min-max) | x full | {unit} | x full |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(
+            f"| {name} | {r['trainable']:,} / {r['total']:,} | {r['step_s'] * 1000:.0f} ms "
+            f"({r['min_s'] * 1000:.0f}-{r['max_s'] * 1000:.0f}) | {r['step_s'] / full['step_s']:.2f} | "
+            f"{r['memory_mib']:.0f} MiB | {r['memory_mib'] / full['memory_mib']:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
