@@ -12,7 +12,6 @@ import argparse
 import logging
 import random
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +74,7 @@ def _add_log_file(output_dir: Path) -> logging.Handler | None:
     return handler
 
 
-def build_runner(cfg, job_id: str):
+def build_runner(cfg, job_id: str, resume_path: str | None = None):
     from lavis import tasks
     from lavis.common.registry import registry
 
@@ -83,7 +82,8 @@ def build_runner(cfg, job_id: str):
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)
     runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
-    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    kwargs = {"resume_path": resume_path} if resume_path is not None else {}
+    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets, **kwargs)
 
 
 def _run(argv, description, action):
@@ -92,8 +92,12 @@ def _run(argv, description, action):
     ext_dist.init_distributed(cfg.run_cfg)
     setup_logging()
     setup_seeds(cfg.run_cfg.get("seed", 42))
-    job_id = datetime.now().strftime("%Y%m%d%H%M%S")
-    runner = build_runner(cfg, job_id)
+    # one job id for all ranks and nodes (each used to take its own clock); with run.resume=auto the
+    # folder of the checkpoint found (lavis_ext.runners.runner_base.prepare_resume)
+    from lavis_ext.runners.runner_base import prepare_resume
+
+    job_id, resume_path = prepare_resume(cfg.run_cfg)
+    runner = build_runner(cfg, job_id, resume_path)
     handler = _add_log_file(Path(runner.output_dir))
     try:
         result = action(runner)
@@ -129,6 +133,10 @@ def main(argv=None) -> int:
         from lavis_ext.datasets.to_shards import main as shards_main
 
         return shards_main(argv[1:]) or 0
+    if argv and argv[0] == "score":
+        from lavis_ext.evaluation.score import main as score_main
+
+        return score_main(argv[1:])
     if not argv or argv[0] not in commands:
         print("usage: lavis-ext {train,evaluate,data,shards} ...", file=sys.stderr)
         return 2

@@ -29,6 +29,8 @@ RUN_KEYS = {
     "k_test", "save_freq",
     # ours
     "amp_dtype", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "constant_baseline", "length_penalty", "dist_timeout_s",
+    # resume and checkpoints (lavis_ext.runners.runner_base, docs/distributed.md)
+    "resume", "job_id", "save_every_steps", "keep_step_checkpoints", "min_free_disk_mb",
     # written by distributed init
     "rank", "gpu", "dist_backend",
 }

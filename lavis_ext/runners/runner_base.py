@@ -1,23 +1,57 @@
-"""`runner_base`, fixed for CPU, webdataset splits with a known length, and resume.
+"""`runner_base`, fixed for CPU, webdataset splits with a known length, and exact resume.
 
 Once `lavis_ext` is imported the registry name ``runner_base`` resolves to :class:`RunnerBaseExt`
 (LAVIS's class stays reachable as ``runner_base_lavis``). Each override names what it fixes in
-LAVIS 1.0.2; nothing is copied.
+LAVIS 1.0.2; nothing is copied but the ~40-line epoch loop of ``train`` (LAVIS saves only at the end of
+an epoch and only "best" when there are validation splits, and has no hook between the two).
+
+Resume, in short (docs/distributed.md has the whole story):
+
+* every ``run.save_every_steps`` optimizer steps and at the end of every epoch, every rank sends its RNG
+  states and data position to rank 0, which writes one full-state checkpoint
+  (:mod:`lavis_ext.checkpoints`) atomically and then points ``latest`` at it; step checkpoints older
+  than the newest ``run.keep_step_checkpoints`` (default 2: the new one and the previous good one) are
+  deleted only after that;
+* ``run.resume_ckpt_path: X`` or ``run.resume: auto`` (the newest ``<output_dir>/*/latest``, or the
+  ``run.job_id`` folder's) loads weights, optimizer, scaler, scheduler and loop counters, puts the
+  training loader back at its position by replaying the consumed batches of the current pass (no
+  forward/backward, data loading only), then restores this rank's RNG states, so the next sample and
+  every random draw are those the uninterrupted run would have made.
 """
 from __future__ import annotations
 
+import datetime
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lavis.common.dist_utils import get_rank, get_world_size, is_main_process, main_process
 from lavis.common.registry import registry
-from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader
+from lavis.datasets.datasets.dataloader_utils import MultiIterLoader
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import ChainDataset, DataLoader, DistributedSampler, IterableDataset
 
-from lavis_ext.checkpoints import load_trainable, restore_optimizer, save_checkpoint
+from lavis_ext import dist as ext_dist
+from lavis_ext.checkpoints import (
+    apply_optimizer,
+    apply_trainable,
+    capture_rng_state,
+    first_valid,
+    load_trainable,
+    rank_rng_state,
+    read_checkpoint,
+    read_metadata,
+    restore_rng_state,
+    restore_scheduler,
+    resume_candidates,
+    save_checkpoint,
+    write_latest,
+)
 from lavis_ext.models.strategies import format_parameter_report
 from lavis_ext.runners.tracking import RunTracker
 from lavis_ext.tasks.base import resolve_amp_dtype
@@ -25,35 +59,88 @@ from lavis_ext.tasks.base import resolve_amp_dtype
 logger = logging.getLogger(__name__)
 
 
+def _batch_len(batch) -> int:
+    if isinstance(batch, dict):
+        for value in batch.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                return int(value.shape[0])
+            if isinstance(value, (list, tuple)):
+                return len(value)
+    try:
+        return len(batch)
+    except TypeError:
+        return 1
+
+
 class EpochStreamLoader:
-    """An endless iterator over an IterableDataset with a known length, `len()` = steps per epoch.
+    """An endless iterator over a DataLoader, `len()` = steps per epoch, with a restorable position.
 
     runner_base needs `len(train_loader)` and `next()`; webdataset pipelines give neither. Every rank
     takes the same number of steps (``length // (world * batch)``), so DDP never waits on a rank
-    that ran out; a pass that ends early continues into the next pass, with a new shuffle epoch.
+    that ran out; a pass that ends early continues into the next pass, with a new shuffle epoch
+    (``set_epoch`` of the dataset and of the sampler). Each pass re-seeds the loader's own generator
+    from (seed, pass, rank), so worker seeds never draw from the global torch RNG.
+
+    The position is ``{"pass", "batches", "samples", "samples_total"}``: the pass being read, batches and
+    samples taken from it, and samples taken since the run started. :meth:`load_state_dict` +
+    :meth:`fast_forward` re-create that pass and drop its consumed batches.
     """
 
-    def __init__(self, loader: DataLoader, dataset, steps_per_epoch: int, first_pass: int = 0):
+    def __init__(self, loader: DataLoader, dataset, steps_per_epoch: int, first_pass: int = 0, seed: int = 0, rank: int = 0):
         self.loader = loader
         self.dataset = dataset
         self.steps_per_epoch = steps_per_epoch
-        self.pass_index = first_pass  # a resumed run continues the shuffle sequence at its epoch
+        self.pass_index = first_pass  # the pass the next restart reads (a resumed run continues the sequence)
+        self.seed, self.rank = int(seed), int(rank)
+        self.current_pass = None
+        self.batches_in_pass = 0
+        self.samples_in_pass = 0
+        self.samples_total = 0
+        self._skip = 0
         self._it = None
 
     def _restart(self):
+        p = self.pass_index
         if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.pass_index)
-        self.pass_index += 1
+            self.dataset.set_epoch(p)
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(p)
+        generator = getattr(self.loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed((self.seed * 1_000_003 + p) * 1009 + self.rank)
+        self.current_pass, self.pass_index = p, p + 1
+        self.batches_in_pass = self.samples_in_pass = 0
         self._it = iter(self.loader)
 
-    def __next__(self):
+    def _next_batch(self):
         if self._it is None:
             self._restart()
         try:
-            return next(self._it)
+            batch = next(self._it)
         except StopIteration:
+            if self.batches_in_pass == 0:
+                raise RuntimeError(f"training pass {self.current_pass} yielded no batch") from None
             self._restart()
-            return next(self._it)
+            batch = next(self._it)
+        self.batches_in_pass += 1
+        n = _batch_len(batch)
+        self.samples_in_pass += n
+        self.samples_total += n
+        return batch
+
+    def fast_forward(self) -> int:
+        """Drop the batches a restored position says were consumed. Returns how many."""
+        dropped = 0
+        while self._skip:
+            self._skip -= 1
+            self._next_batch()
+            dropped += 1
+        return dropped
+
+    def __next__(self):
+        self.fast_forward()
+        return self._next_batch()
 
     def __iter__(self):
         return self
@@ -61,17 +148,92 @@ class EpochStreamLoader:
     def __len__(self):
         return self.steps_per_epoch
 
+    def state_dict(self) -> dict:
+        if self.current_pass is None:
+            return {"pass": self.pass_index, "batches": 0, "samples": 0, "samples_total": self.samples_total}
+        return {"pass": self.current_pass, "batches": self.batches_in_pass, "samples": self.samples_in_pass,
+                "samples_total": self.samples_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pass_index = int(state["pass"])
+        self._skip = int(state["batches"])
+        self._it, self.current_pass = None, None
+        self.samples_total = int(state.get("samples_total", 0)) - int(state.get("samples", 0))
+
+
+def find_auto_resume(output_root, job_id: str | None = None) -> tuple[Path | None, list[str]]:
+    """The checkpoint ``run.resume: auto`` continues from: in ``<output_root>/<job_id>`` when a job id
+    is fixed, else in the run folders under ``output_root`` newest first (by their ``latest`` pointer or
+    newest checkpoint). Within a folder the ``latest`` target comes first, then the others by progress;
+    a file that fails its checksum is skipped in favour of the previous one. Returns (path or None,
+    messages about the files skipped)."""
+    root = Path(output_root).expanduser().resolve()
+    if job_id:
+        folders = [root / str(job_id)]
+    elif root.is_dir():
+        def newest(folder: Path) -> float:
+            files = [folder / "latest", *folder.glob("checkpoint_*.safetensors")]
+            return max((f.stat().st_mtime for f in files if f.is_file()), default=-1.0)
+
+        folders = sorted((p for p in root.iterdir() if p.is_dir() and newest(p) >= 0), key=newest, reverse=True)
+    else:
+        folders = []
+    messages: list[str] = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        path, skipped = first_valid(resume_candidates(folder))
+        messages += skipped
+        if path is not None:
+            return path, messages
+    return None, messages
+
+
+def prepare_resume(run_cfg) -> tuple[str, str | None]:
+    """(job id, checkpoint to resume from), decided on rank 0 and the same on every rank.
+
+    ``run.job_id`` fixes the run folder name (default: the start time). ``run.resume: auto`` reuses the
+    folder of the checkpoint it finds, so a run restarted again and again keeps one folder and one
+    ``latest``. An explicit ``run.resume_ckpt_path`` wins over ``auto``."""
+    job_id, path = run_cfg.get("job_id"), None
+    if is_main_process():
+        job_id = str(job_id or datetime.datetime.now().strftime("%Y%m%d%H%M%S"))
+        explicit = run_cfg.get("resume_ckpt_path")
+        mode = str(run_cfg.get("resume", "") or "").lower()
+        if mode not in ("", "none", "false", "auto"):
+            raise ValueError(f"run.resume {run_cfg.get('resume')!r}: use auto (or set run.resume_ckpt_path)")
+        if explicit:
+            path = str(explicit)
+        elif mode == "auto":
+            found, skipped = find_auto_resume(run_cfg.output_dir, run_cfg.get("job_id"))
+            for message in skipped:
+                logger.warning("resume: skipping corrupt checkpoint %s", message)
+            if found is None:
+                logger.info("run.resume=auto: no checkpoint under %s, starting a new run", run_cfg.output_dir)
+            else:
+                path, job_id = str(found), found.parent.name
+                logger.info("run.resume=auto: continuing %s", found)
+    job_id, path = ext_dist.broadcast_object((job_id, path))
+    return job_id, path
+
 
 @registry.register_runner("runner_base_ext")
 class RunnerBaseExt(RunnerBase):
-    def __init__(self, cfg, task, model, datasets, job_id):
+    def __init__(self, cfg, task, model, datasets, job_id, resume_path: str | None = None):
         # A second runner in one process: KeyError: "Name 'result_dir' already registered." (registry.py:200)
         for key in ("result_dir", "output_dir"):
             registry.mapping["paths"].pop(key, None)
         super().__init__(cfg, task, model, datasets, job_id)
+        self.resume_path = resume_path
+        self._resume_auto = resume_path is not None and not cfg.run_cfg.get("resume_ckpt_path")
+        self._resume_position = None
+        self._pending_validation = None
+        self.best_agg_metric, self.best_epoch = 0, 0
         self.tracker = RunTracker(self.output_dir, enabled=is_main_process())
         if hasattr(task, "attach_run"):
             task.attach_run(run_cfg=cfg.run_cfg, tracker=self.tracker)
+        if hasattr(task, "attach_step_hook"):
+            task.attach_step_hook(self._on_step)
 
     # ---- model / device ----------------------------------------------------------------------
     @property
@@ -100,13 +262,41 @@ class RunnerBaseExt(RunnerBase):
 
     def setup_output_dir(self):
         """A relative `run.output_dir` is relative to the working directory. LAVIS joins it to the
-        library root, which puts runs inside site-packages/lavis."""
+        library root, which puts runs inside site-packages/lavis. An output folder that cannot be
+        created or written fails here, naming it, before any training."""
         output_dir = Path(self.config.run_cfg.output_dir).expanduser().resolve() / self.job_id
         result_dir = output_dir / "result"
-        result_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            result_dir.mkdir(parents=True, exist_ok=True)
+            probe = output_dir / f".write_test-{os.getpid()}"
+            probe.write_text("ok\n")
+            probe.unlink()
+        except OSError as error:
+            raise PermissionError(
+                f"output directory {str(output_dir)!r} cannot be created or written ({type(error).__name__}: "
+                f"{error}); set run.output_dir to a writable folder (e.g. --options run.output_dir=runs/x) "
+                "or fix its permissions"
+            ) from error
         registry.register_path("result_dir", str(result_dir))
         registry.register_path("output_dir", str(output_dir))
         self.result_dir, self.output_dir = result_dir, output_dir
+
+    def check_free_disk(self) -> None:
+        """Fail before training when the output folder's disk cannot hold two checkpoints (the new one is
+        written while the previous good one is kept) plus ``run.min_free_disk_mb`` (default 64)."""
+        model = self._model  # (self.model would wrap DDP, a collective, on rank 0 alone)
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        per_checkpoint = 3 * trainable + (1 << 20)  # weights + two AdamW moments + metadata
+        margin = int(float(self.config.run_cfg.get("min_free_disk_mb", 64)) * (1 << 20))
+        needed = 2 * per_checkpoint + margin
+        free = shutil.disk_usage(self.output_dir).free
+        if free < needed:
+            raise OSError(
+                f"not enough free disk for checkpoints in {str(self.output_dir)!r}: {free / 2**20:.0f} MiB free, "
+                f"{needed / 2**20:.0f} MiB needed (2 checkpoints of ~{per_checkpoint / 2**20:.0f} MiB + "
+                f"run.min_free_disk_mb={margin >> 20}); free space, point run.output_dir at another disk, "
+                "or lower run.min_free_disk_mb"
+            )
 
     # ---- data -------------------------------------------------------------------------------
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
@@ -127,12 +317,20 @@ class RunnerBaseExt(RunnerBase):
         return loaders
 
     def _make_loader(self, dataset, num_workers, batch_size, is_train, collate_fn):
+        """Every loader gets its own generator, so creating an iterator (which draws the workers' base
+        seed) never consumes the global torch RNG: validation and resume leave training's RNG alone.
+        Map-style training splits always go through a seeded DistributedSampler (1 replica when not
+        distributed) instead of LAVIS's IterLoader/RandomSampler, so their order is a function of
+        (seed, pass) and resumable."""
         if isinstance(dataset, ChainDataset) and len(dataset.datasets) == 1:
             dataset = dataset.datasets[0]
         pin = self.device.type == "cuda"
         collate_fn = getattr(dataset, "collater", None) or collate_fn
+        seed = int(self.config.run_cfg.get("seed", 42))
+        generator = torch.Generator().manual_seed(seed + get_rank())
         if isinstance(dataset, IterableDataset):
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin, collate_fn=collate_fn)
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin,
+                                collate_fn=collate_fn, generator=generator)
             if not is_train:
                 return loader  # each rank/worker reads its own shards, once
             try:
@@ -147,21 +345,26 @@ class RunnerBaseExt(RunnerBase):
                     f"training split has {length} samples, fewer than world_size x batch_size_train = "
                     f"{get_world_size()} x {batch_size}; lower run.batch_size_train"
                 )
-            return EpochStreamLoader(loader, dataset, steps, first_pass=self.start_epoch)
+            return EpochStreamLoader(loader, dataset, steps, first_pass=self.start_epoch, seed=seed, rank=get_rank())
         sampler = None
-        if self.use_distributed and (is_train or self.use_dist_eval_sampler):
-            sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=get_world_size(), rank=get_rank())
+        if is_train:
+            sampler = DistributedSampler(dataset, shuffle=True, num_replicas=get_world_size(), rank=get_rank(), seed=seed)
+        elif self.use_distributed and self.use_dist_eval_sampler:
+            sampler = DistributedSampler(dataset, shuffle=False, num_replicas=get_world_size(), rank=get_rank())
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
             num_workers=num_workers,
             pin_memory=pin,
             sampler=sampler,
-            shuffle=sampler is None and is_train,
+            shuffle=False,
             collate_fn=collate_fn,
             drop_last=is_train,
+            generator=generator,
         )
-        return IterLoader(loader, use_distributed=self.use_distributed) if is_train else loader
+        if not is_train:
+            return loader
+        return EpochStreamLoader(loader, dataset, len(loader), first_pass=self.start_epoch, seed=seed, rank=get_rank())
 
     @torch.no_grad()
     def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
@@ -180,7 +383,8 @@ class RunnerBaseExt(RunnerBase):
     @main_process
     def _save_checkpoint(self, cur_epoch, is_best=False):
         """Trainable tensors, optimizer and scaler state as safetensors, written atomically
-        (:mod:`lavis_ext.checkpoints`); LAVIS pickles the lot with ``torch.save`` in place."""
+        (:mod:`lavis_ext.checkpoints`); LAVIS pickles the lot with ``torch.save`` in place. The epoch
+        and step checkpoints that runs resume from are written by :meth:`save_state` (all ranks)."""
         path = self.checkpoint_path("best" if is_best else cur_epoch)
         save_checkpoint(
             path,
@@ -189,19 +393,145 @@ class RunnerBaseExt(RunnerBase):
             optimizer=self.optimizer,
             scaler=self.scaler,
             epoch=cur_epoch,
+            extra={"best_agg_metric": self.best_agg_metric, "best_epoch": self.best_epoch} if is_best else None,
         )
         logger.info("saved checkpoint of epoch %s to %s", cur_epoch, path)
 
+    def _train_loader_position(self):
+        loader = self.train_loader
+        return loader.state_dict() if hasattr(loader, "state_dict") else None
+
+    def save_state(self, epoch: int, step: int, iters_per_epoch: int, loop_state: dict | None = None) -> Path | None:
+        """A full-state checkpoint after ``step`` of ``epoch`` (``step == iters_per_epoch``: the epoch is
+        done). Called on every rank: each contributes its RNG states and data position; rank 0 writes."""
+        per_rank = {"rng": capture_rng_state(), "position": self._train_loader_position(), "loop": loop_state}
+        gathered = ext_dist.all_gather_object(per_rank)
+        if not is_main_process():
+            return None
+        global_step = epoch * iters_per_epoch + step
+        epoch_done = step >= iters_per_epoch
+        path = self.checkpoint_path(epoch if epoch_done else f"step{global_step}")
+        train_state = {
+            "epoch": epoch, "step": step, "iters_per_epoch": iters_per_epoch, "global_step": global_step,
+            "epoch_done": epoch_done, "world_size": get_world_size(),
+            "best_agg_metric": self.best_agg_metric, "best_epoch": self.best_epoch,
+            **(loop_state or {}),
+        }
+        save_checkpoint(
+            path,
+            self.unwrap_dist_model(self.model),
+            config=self.config.to_dict(),
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            epoch=epoch if epoch_done else epoch - 1,  # LAVIS's meaning: the last completed epoch
+            lr_scheduler=self.lr_scheduler,
+            train_state=train_state,
+            rank_states=gathered,
+            before_replace=lambda tmp: ext_dist.maybe_inject_fault("save", global_step, self.output_dir, tmp),
+        )
+        write_latest(self.output_dir, path.name)
+        self._prune_step_checkpoints(keep=path)
+        logger.info("saved full state at epoch %d step %d/%d (global step %d) to %s",
+                    epoch, step, iters_per_epoch, global_step, path.name)
+        return path
+
+    def _prune_step_checkpoints(self, keep: Path) -> None:
+        """Keep the newest ``run.keep_step_checkpoints`` step checkpoints (default 2), deleted only once a
+        newer one and ``latest`` are on disk. Epoch checkpoints are kept."""
+        limit = max(1, int(self.config.run_cfg.get("keep_step_checkpoints", 2)))
+        steps = sorted(Path(self.output_dir).glob("checkpoint_step*.safetensors"),
+                       key=lambda p: int(p.name[len("checkpoint_step"):-len(".safetensors")]), reverse=True)
+        for old in steps[limit:]:
+            if old != keep:
+                old.unlink(missing_ok=True)
+
+    def _on_step(self, epoch: int, step: int, iters_per_epoch: int, loop_state_fn) -> None:
+        """Called by the training loop after each optimizer step (all ranks)."""
+        global_step = epoch * iters_per_epoch + step
+        ext_dist.maybe_inject_fault("step", global_step, self.output_dir)
+        every = int(self.config.run_cfg.get("save_every_steps", 0) or 0)
+        if every > 0 and global_step % every == 0 and step < iters_per_epoch:
+            self.save_state(epoch, step, iters_per_epoch, loop_state_fn())
+
     def _load_checkpoint(self, url_or_filename):
         """Resume. LAVIS saves only trainable tensors but loads strictly (RuntimeError: Missing key(s)
-        ... "visual_encoder.cls_token"); here the trainable tensors must all be there and nothing else."""
+        ... "visual_encoder.cls_token"); here the trainable tensors must all be there and nothing else.
+        A full-state checkpoint also restores the scheduler, the loop counters, the data position and
+        this rank's RNG states (see the module docstring); an epoch-only one resumes at the next epoch."""
+        tensors, meta = read_checkpoint(url_or_filename)
         model = self.unwrap_dist_model(self.model)
-        load_trainable(model, url_or_filename, require_all_trainable=True)
-        meta = restore_optimizer(self.optimizer, url_or_filename, scaler=self.scaler)
+        apply_trainable(model, tensors, url_or_filename, require_all_trainable=True)
+        apply_optimizer(self.optimizer, tensors, meta, url_or_filename, scaler=self.scaler)
         if "epoch" not in meta:
             raise ValueError(f"checkpoint {url_or_filename} records no epoch; it cannot resume a run")
-        self.start_epoch = meta["epoch"] + 1
-        logger.info("resumed from %s at epoch %d", url_or_filename, self.start_epoch)
+        state = meta.get("train_state")
+        if state is None:  # a checkpoint written without the training state: epoch granularity
+            self.start_epoch = meta["epoch"] + 1
+            logger.info("resumed from %s at epoch %d (no step state in it)", url_or_filename, self.start_epoch)
+            return
+        if meta.get("lr_sched"):
+            restore_scheduler(self.lr_scheduler, meta["lr_sched"])
+        self.best_agg_metric = state.get("best_agg_metric", 0)
+        self.best_epoch = state.get("best_epoch", 0)
+        best = self.checkpoint_path("best")
+        if best.is_file():  # validation after this checkpoint may have found a better epoch
+            extra = (read_metadata(best).get("extra") or {})
+            if extra.get("best_agg_metric", 0) > self.best_agg_metric:
+                self.best_agg_metric, self.best_epoch = extra["best_agg_metric"], extra.get("best_epoch", 0)
+        saved_world = int(state.get("world_size", 1))
+        entries = meta.get("ranks") or []
+        own = entries[get_rank()] if saved_world == get_world_size() and get_rank() < len(entries) else {}
+        if hasattr(self.task, "restore_loop_state"):
+            self.task.restore_loop_state({**state, **(own.get("loop") or {})})  # this rank's own loss sum
+        if state["epoch_done"]:
+            self.start_epoch = state["epoch"] + 1
+            self._pending_validation = state["epoch"]  # it may have been cut short; validation is idempotent
+        else:
+            self.start_epoch = state["epoch"]
+            if saved_world != get_world_size():
+                raise ValueError(
+                    f"checkpoint {url_or_filename} is mid-epoch (step {state['step']} of epoch {state['epoch']}) from a "
+                    f"run of {saved_world} processes; this run has {get_world_size()}. Resume it with {saved_world} "
+                    "processes, or resume from an epoch checkpoint (checkpoint_<epoch>.safetensors)"
+                )
+        rank = get_rank()
+        positions = meta.get("ranks") or []
+        if saved_world == get_world_size() and rank < len(positions):
+            position = positions[rank].get("position")
+            loader = self.train_loader
+            if position is not None and hasattr(loader, "load_state_dict"):
+                loader.load_state_dict(position)
+                dropped = loader.fast_forward()
+                logger.info("data position restored: pass %d, %d batches (%d samples) replayed",
+                            position["pass"], dropped, position.get("samples", 0))
+            elif position is not None:
+                logger.warning("the training loader (%s) cannot restore a data position; it starts a new pass",
+                               type(loader).__name__)
+            rng = rank_rng_state(tensors, meta, rank)
+            if rng is not None:
+                restore_rng_state(rng)
+        else:
+            logger.warning("checkpoint from %d processes, this run has %d: RNG states and data positions not restored",
+                           saved_world, get_world_size())
+        logger.info("resumed from %s: %s (global step %d)", url_or_filename,
+                    f"epoch {state['epoch']} done, next epoch {self.start_epoch}" if state["epoch_done"]
+                    else f"epoch {state['epoch']}, continuing after step {state['step']}", state["global_step"])
+
+    def _resolve_resume_path(self) -> str | None:
+        """The checkpoint to resume from. With ``run.resume: auto`` a corrupt file (checksum) is skipped in
+        favour of the previous one; an explicit ``run.resume_ckpt_path`` that is corrupt is an error
+        naming the intact alternatives."""
+        path = self.resume_path or self.resume_ckpt_path
+        if path is None:
+            return None
+        if not self._resume_auto:
+            try:
+                read_checkpoint(path)
+            except ValueError as error:
+                alternatives, _ = first_valid([p for p in resume_candidates(Path(path).parent) if str(p) != str(path)])
+                hint = f"; the newest intact one in that folder is {alternatives}" if alternatives else ""
+                raise ValueError(f"{error}{hint} (or use run.resume=auto, which skips corrupt files)") from error
+        return str(path)
 
     def _reload_best_model(self, model):
         """LAVIS raises FileNotFoundError on the best checkpoint when no validation score ever beat 0;
@@ -221,16 +551,72 @@ class RunnerBaseExt(RunnerBase):
             curves = {k: v for k, v in stats.items() if k != "best_epoch"}  # bookkeeping, not a metric
             self.tracker.scalars(split_name, curves, step)
 
+    # ---- the loop -----------------------------------------------------------------------------
     def train(self):
         report = format_parameter_report(self.unwrap_dist_model(self.model))
         logger.info("parameters:\n%s", report)
+        problem = None
         if is_main_process():
             (Path(self.output_dir) / "parameters.txt").write_text(report + "\n")
+            if not self.evaluate_only:
+                try:
+                    self.check_free_disk()
+                except OSError as error:
+                    problem = str(error)
+        problem = ext_dist.broadcast_object(problem)  # every rank stops, none waits for a collective
+        if problem:
+            raise OSError(problem)
         try:
-            return super().train()
+            return self._train_epochs()
         finally:
             self.tracker.plot()
             self.tracker.close()
+
+    def _validate(self, cur_epoch) -> None:
+        for split_name in self.valid_splits:
+            logger.info("Evaluating on %s.", split_name)
+            val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+            if val_log is not None and is_main_process():
+                assert "agg_metrics" in val_log, "No agg_metrics found in validation log."
+                agg_metrics = val_log["agg_metrics"]
+                if agg_metrics > self.best_agg_metric and split_name == "val":
+                    self.best_epoch, self.best_agg_metric = cur_epoch, agg_metrics
+                    self._save_checkpoint(cur_epoch, is_best=True)
+                val_log.update({"best_epoch": self.best_epoch})
+                self.log_stats(val_log, split_name)
+
+    def _train_epochs(self):
+        """LAVIS's ``train`` with a full-state checkpoint after every epoch's training (before its
+        validation, so a crash during validation loses no training; the resumed run validates that
+        epoch first), and mid-epoch resume."""
+        start_time = time.time()
+        self.log_config()
+        if not self.evaluate_only:
+            path = self._resolve_resume_path()
+            if path is not None:
+                self._load_checkpoint(path)
+        cur_epoch = self.start_epoch
+        if self._pending_validation is not None and not self.evaluate_only:
+            cur_epoch = self._pending_validation
+            self._validate(cur_epoch)
+            self._pending_validation = None
+        for cur_epoch in range(self.start_epoch, self.max_epoch):
+            if not self.evaluate_only:
+                logger.info("Start training")
+                train_stats = self.train_epoch(cur_epoch)
+                self.log_stats(split_name="train", stats=train_stats)
+                self.save_state(cur_epoch, len(self.train_loader), len(self.train_loader), self._loop_state())
+            self._validate(cur_epoch)
+            if self.evaluate_only:
+                break
+            if dist.is_initialized():
+                dist.barrier()
+        test_epoch = "best" if len(self.valid_splits) > 0 else min(cur_epoch, self.max_epoch - 1)
+        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def _loop_state(self) -> dict:
+        return self.task.loop_state() if hasattr(self.task, "loop_state") else {}
 
 
 # Projects say `runner: runner_base`; from here on that name means our runner.

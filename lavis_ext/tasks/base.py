@@ -76,11 +76,33 @@ class TaskExtMixin:
     global_step = 0
     nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, whole run
     nonfinite_in_row = 0
+    step_hook = None  # runner callback after each optimizer step: (epoch, step, iters_per_epoch, loop_state_fn)
+    _resume_state = None  # loop counters of a mid-epoch checkpoint, consumed by the next epoch's loop
+    _loop = None  # the running epoch's counters (what a checkpoint taken now must record)
 
     def attach_run(self, run_cfg, tracker) -> None:
         """Called by the runner: the run config (precision, clipping) and where to log."""
         self.run_cfg = run_cfg
         self.tracker = tracker
+
+    def attach_step_hook(self, hook) -> None:
+        """Called by the runner: ``hook(epoch, step, iters_per_epoch, loop_state_fn)`` runs on every rank
+        after each optimizer step (end of an accumulation window), where checkpoints are consistent."""
+        self.step_hook = hook
+
+    def loop_state(self) -> dict:
+        """The loop counters a checkpoint must carry for a bitwise resume (JSON-able)."""
+        state = {"nonfinite_steps": self.nonfinite_steps, "nonfinite_in_row": self.nonfinite_in_row}
+        if self._loop is not None:
+            state["loss_sum"] = float(self._loop["loss_sum"].item())
+        return state
+
+    def restore_loop_state(self, state: dict) -> None:
+        """From a checkpoint's ``train_state``: counters now, the step position at the next epoch loop."""
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.global_step = int(state.get("global_step", 0))
+        self._resume_state = None if state.get("epoch_done") else dict(state)
 
     def _run_get(self, key, default=None):
         return self.run_cfg.get(key, default) if self.run_cfg is not None else default
@@ -137,9 +159,22 @@ class TaskExtMixin:
         base_step = (start_iters if start_iters is not None else epoch * iters_per_epoch)
         max_norm = self._run_get("max_grad_norm", None)
         loss_sum = torch.zeros((), device=device)
+        first = 0
+        resume, self._resume_state = self._resume_state, None
+        if resume is not None and resume.get("epoch") == epoch:
+            # mid-epoch resume: the runner restored weights, optimizer, data position and RNG states
+            if int(resume.get("iters_per_epoch", iters_per_epoch)) != iters_per_epoch:
+                raise ValueError(
+                    f"the checkpoint's epoch has {resume['iters_per_epoch']} steps, this run's {iters_per_epoch}; "
+                    "resume with the same data, batch size and number of processes"
+                )
+            first = int(resume["step"])
+            loss_sum += float(resume.get("loss_sum", 0.0))
+            logger.info("epoch %d: continuing at step %d of %d", epoch, first, iters_per_epoch)
+        self._loop = {"loss_sum": loss_sum}
         window_ok = True  # no non-finite loss or gradient in this accumulation window
         progress = tqdm(
-            range(iters_per_epoch),
+            range(first, iters_per_epoch),
             desc=f"train epoch {epoch}",
             disable=not is_main_process(),
             dynamic_ncols=True,
@@ -158,6 +193,13 @@ class TaskExtMixin:
                 window_ok = False
                 self._count_nonfinite(f"loss {loss.item()}", base_step + i + 1)
             if (i + 1) % accum_grad_iters == 0:
+                if dist.is_initialized() and dist.get_world_size() > 1:
+                    # all ranks skip together: one rank stepping past a NaN another skipped would split the replicas
+                    agreed = torch.tensor(1.0 if window_ok else 0.0, device=device)
+                    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+                    if window_ok and agreed.item() < 1.0:
+                        window_ok = False
+                        self._count_nonfinite("loss on another rank", base_step + i + 1)
                 if window_ok and max_norm:
                     if scaler is not None:
                         scaler.unscale_(optimizer)
@@ -176,6 +218,9 @@ class TaskExtMixin:
                 window_ok = True
             loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
             self.global_step = base_step + i + 1
+            if self.step_hook is not None and (i + 1) % accum_grad_iters == 0:
+                # between optimizer steps: no gradient is pending, so the state on disk is complete
+                self.step_hook(epoch, i + 1, iters_per_epoch, self.loop_state)
             if (i + 1) % log_freq == 0 or i + 1 == iters_per_epoch:
                 # One host sync per log interval, not per step.
                 shown_loss = loss.item()
@@ -185,6 +230,7 @@ class TaskExtMixin:
                     self.tracker.scalar("train/loss", shown_loss, self.global_step)
                     self.tracker.scalar("train/lr", lr, self.global_step)
         progress.close()
+        self._loop = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= dist.get_world_size()

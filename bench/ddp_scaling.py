@@ -1,0 +1,88 @@
+"""DDP scaling of the tiny BLIP-2 OPT on CPU: training samples/s of 2 processes against 1.
+
+Each configuration trains the tiny captioner (`projects/tiny/caption_opt.yaml`, batch 16 per process)
+for a warm-up epoch and a timed epoch of `--steps` steps through the real runner (torchrun, gloo);
+samples/s = processes x batch x steps / time of the timed epoch. Configurations: 1 process x 1 thread,
+1 process x 2 threads (the same cores as 2 x 1), 2 processes x 1 thread. Efficiency = (2-process
+samples/s) / (2 x 1-process-1-thread samples/s).
+
+Usage: python bench/ddp_scaling.py [--steps 40] [--data data/synthetic]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker(argv):
+    from lavis_ext import cli
+
+    result = {}
+
+    def action(runner):
+        runner.train_epoch(0)  # warm-up (loader start, allocator)
+        start = time.perf_counter()
+        runner.train_epoch(1)
+        seconds = time.perf_counter() - start
+        steps = len(runner.train_loader)
+        batch = int(runner.config.run_cfg.batch_size_train)
+        from lavis.common.dist_utils import get_world_size
+
+        result.update(seconds=seconds, samples_per_s=get_world_size() * batch * steps / seconds, world=get_world_size(), steps=steps)
+        return result
+
+    cli._run(argv, "ddp scaling worker", action)
+    from lavis.common.dist_utils import is_main_process
+
+    if is_main_process():
+        print("RESULT " + json.dumps(result), flush=True)
+    cli.ext_dist.shutdown()
+
+
+def run(nproc: int, threads: int, steps: int, data: Path) -> dict:
+    batch = 16
+    with tempfile.TemporaryDirectory() as out:
+        options = [f"run.output_dir={out}", f"run.batch_size_train={batch}", "run.num_workers=0", "run.max_epoch=2",
+                   "run.valid_splits=[]", "run.test_splits=[]", "run.log_freq=1000",
+                   f"datasets.wds_caption.build_info.root={data}",
+                   f"datasets.wds_caption.build_info.lengths.train={nproc * batch * steps}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LAVIS_EXT_DATA": str(data), "PYTHONPATH": str(REPO)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               __file__, "--worker", "--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options", *options]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            raise SystemExit(proc.stderr[-3000:])
+        return json.loads(line[len("RESULT "):])
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--worker":
+        return worker(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--data", default=os.environ.get("LAVIS_EXT_DATA", str(REPO / "data/synthetic")))
+    args = parser.parse_args(argv)
+    data = Path(args.data).resolve()
+    rows = {}
+    for nproc, threads in ((1, 1), (1, 2), (2, 1)):
+        rows[(nproc, threads)] = run(nproc, threads, args.steps, data)
+        r = rows[(nproc, threads)]
+        print(f"{nproc} process(es) x {threads} thread(s): {r['samples_per_s']:.1f} samples/s "
+              f"({r['steps']} steps of {16 * nproc} samples in {r['seconds']:.2f} s)", flush=True)
+    one, two = rows[(1, 1)]["samples_per_s"], rows[(2, 1)]["samples_per_s"]
+    print(f"scaling 2 processes vs 1 (1 thread each): {two / one:.2f}x, efficiency {two / (2 * one):.0%}; "
+          f"vs 1 process x 2 threads: {two / rows[(1, 2)]['samples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
