@@ -93,8 +93,8 @@ def _run(argv, description, action):
     setup_logging()
     setup_seeds(cfg.run_cfg.get("seed", 42))
     # one job id for all ranks and nodes (each used to take its own clock); with run.resume=auto the
-    # folder of the checkpoint found (lavis_ext.runners.runner_base.prepare_resume)
-    from lavis_ext.runners.runner_base import prepare_resume
+    # folder of the checkpoint found (lavis_ext.runners.resume.prepare_resume)
+    from lavis_ext.runners.resume import prepare_resume
 
     job_id, resume_path = prepare_resume(cfg.run_cfg)
     runner = build_runner(cfg, job_id, resume_path)

@@ -8,7 +8,6 @@ with two threads each crawl on a 2-core machine.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 from lavis_ext import checkpoints as ck
+from lavis_ext.runners import resume
 from lavis_ext.runners import runner_base as rb
+from lavis_ext.runners.loaders import EpochStreamLoader
 
 
 def trained(seed=0):
@@ -107,7 +108,7 @@ def test_resume_candidates_latest_first_then_by_progress_and_corrupt_ones_skippe
     names = [p.name for p in ck.resume_candidates(run)]
     assert names == ["checkpoint_step6.safetensors", "checkpoint_step9.safetensors", "checkpoint_step3.safetensors"]
     (run / "checkpoint_step6.safetensors").write_bytes(b"\0" * 10)
-    found, skipped = rb.find_auto_resume(tmp_path / "runs")
+    found, skipped = resume.find_auto_resume(tmp_path / "runs")
     assert found.name == "checkpoint_step9.safetensors"
     assert len(skipped) == 1 and "checkpoint_step6" in skipped[0]
 
@@ -119,14 +120,14 @@ def test_auto_resume_takes_the_newest_run_folder_or_the_fixed_job_id(tmp_path):
         write(folder / f"checkpoint_step{step}.safetensors", step)
         ck.write_latest(folder, f"checkpoint_step{step}.safetensors")
     os.utime(old / "latest", (1, 1))
-    assert rb.find_auto_resume(tmp_path)[0] == new / "checkpoint_step6.safetensors"
-    assert rb.find_auto_resume(tmp_path, job_id="111")[0] == old / "checkpoint_step3.safetensors"
-    assert rb.find_auto_resume(tmp_path / "nothing")[0] is None
+    assert resume.find_auto_resume(tmp_path)[0] == new / "checkpoint_step6.safetensors"
+    assert resume.find_auto_resume(tmp_path, job_id="111")[0] == old / "checkpoint_step3.safetensors"
+    assert resume.find_auto_resume(tmp_path / "nothing")[0] is None
     (tmp_path / "empty").mkdir()
     cfg = OmegaConf.create({"output_dir": str(tmp_path), "resume": "auto"})
-    assert rb.prepare_resume(cfg) == ("222", str(new / "checkpoint_step6.safetensors"))
+    assert resume.prepare_resume(cfg) == ("222", str(new / "checkpoint_step6.safetensors"))
     with pytest.raises(ValueError, match="run.resume 'yes'"):
-        rb.prepare_resume(OmegaConf.create({"output_dir": str(tmp_path), "resume": "yes"}))
+        resume.prepare_resume(OmegaConf.create({"output_dir": str(tmp_path), "resume": "yes"}))
 
 
 # ---- guards ------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ class Numbers(IterableDataset):
 def test_stream_loader_position_restores_the_exact_next_batch(workers):
     def loader():
         dl = DataLoader(Numbers(), batch_size=2, num_workers=workers, generator=torch.Generator())
-        return rb.EpochStreamLoader(dl, dl.dataset, steps_per_epoch=4, seed=5)
+        return EpochStreamLoader(dl, dl.dataset, steps_per_epoch=4, seed=5)
 
     torch.manual_seed(0)
     reference = loader()

@@ -5,7 +5,8 @@ import pytest
 from lavis.runners.runner_base import RunnerBase
 from omegaconf import OmegaConf
 
-from lavis_ext.runners.runner_base import EpochStreamLoader, RunnerBaseExt
+from lavis_ext.runners.loaders import EpochStreamLoader
+from lavis_ext.runners.runner_base import RunnerBaseExt
 
 
 def bare_runner(**run):
