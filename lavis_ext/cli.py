@@ -122,7 +122,7 @@ def evaluate(argv=None):
 
 
 def main(argv=None) -> int:
-    """`lavis-ext {train,evaluate,data,shards} ...`"""
+    """`lavis-ext {train,evaluate,data,shards,score} ...`"""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train, "evaluate": evaluate}
     if argv and argv[0] == "data":
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
         return score_main(argv[1:])
     if not argv or argv[0] not in commands:
-        print("usage: lavis-ext {train,evaluate,data,shards} ...", file=sys.stderr)
+        print("usage: lavis-ext {train,evaluate,data,shards,score} ...", file=sys.stderr)
         return 2
     commands[argv[0]](argv[1:])
     ext_dist.shutdown()

@@ -5,3 +5,4 @@ Importing this package registers the builders with LAVIS (``wds_caption``, ``wds
 are imported only where used.
 """
 from lavis_ext.datasets import annotations, builders  # noqa: F401  (registration)
+from lavis_ext.datasets import official  # noqa: F401  (registration: vqa_files, gqa_files)

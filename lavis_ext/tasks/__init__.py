@@ -1,6 +1,7 @@
-"""Registers the tasks: captioning_ext, vqa_ext, image_text_pretrain_ext."""
+"""Registers the tasks: captioning_ext, vqa_ext, gqa_ext, image_text_pretrain_ext."""
 from lavis_ext.tasks.captioning import CaptionTaskExt
+from lavis_ext.tasks.gqa import GQATaskExt
 from lavis_ext.tasks.pretrain import PretrainTaskExt
 from lavis_ext.tasks.vqa import VQATaskExt
 
-__all__ = ["CaptionTaskExt", "PretrainTaskExt", "VQATaskExt"]
+__all__ = ["CaptionTaskExt", "GQATaskExt", "PretrainTaskExt", "VQATaskExt"]

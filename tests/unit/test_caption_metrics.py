@@ -5,6 +5,7 @@ Needs Java (PTB tokenisation, METEOR); no network. METEOR's JVM takes ~7 s to st
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import shutil
@@ -233,10 +234,10 @@ def test_any_hashable_ids_give_the_same_scores(tmp_path):
 
 
 @needs_java
-def test_empty_and_punctuation_only_predictions_are_scored(tmp_path):
-    preds = {1: "", 2: "...", 3: ["a dog on the grass"]}
-    refs = {1: ["a cat on a mat"], 2: ["a red square"], 3: ["a dog on the grass", "a brown dog"]}
-    r = evaluate_captions(preds, refs, metrics=("BLEU", "METEOR", "ROUGE_L", "CIDEr"), work_dir=tmp_path)
+def test_empty_and_punctuation_only_predictions_are_scored(golden):
+    # GOLDEN_PREDS holds "" and "..." (nothing left after tokenisation); the METEOR JVM is shared with the golden run
+    assert "" in GOLDEN_PREDS and "..." in GOLDEN_PREDS
+    r = golden["ours_a"]
     assert 0.0 < r["METEOR"] < 1.0 and 0.0 < r["ROUGE_L"] < 1.0 and r["CIDEr"] > 0.0
 
 
@@ -310,3 +311,147 @@ def test_best_constant_caption_picks_the_dominant_caption(tmp_path):
         "A red circle!", pytest.approx(cider, abs=1e-12))
     with pytest.raises(ValueError, match="top_k"):
         best_constant_caption(refs, top_k=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Golden: pycocoevalcap's COCOEvalCap run directly, as LAVIS's coco_caption_eval runs it (COCO-format files in a tmp
+# dir, COCO(), loadRes(), evaluate()), against evaluate_captions on the same captions under other ids.
+GOLDEN_REFS = [
+    ["A man riding a horse on the beach.", "Someone rides a brown horse by the sea!", "a man's horse, running"],
+    ["Two dogs play with a red ball.", "two dogs (brown) chase a red ball", "Dogs playing.", "TWO DOGS"],
+    ["A plate of food on a wooden table.", "food on a plate -- on a table", "a meal; a wooden table"],
+    ['He said "hello" (twice) -- then left...', "a man talking, then leaving", "someone says hello twice"],
+    ["café naïve résumé", "A U.S.A. flag isn't here", "e-mail & co. 50% off $20"],
+    ["An empty street at night.", "a street with no cars at night time", "night-time street, empty"],
+    ["A red circle left of a blue square.", "the red circle isn't right of the square"],
+    ["a cat on a mat", "A cat sitting on a mat.", "the cat is on the mat", "cat; mat", "a small cat on a red mat"],
+]
+GOLDEN_PREDS = [
+    "a man riding a horse", "Two dogs playing with a red ball.", "a plate with food on a table",
+    "A man says hello.", "", "...", "a red circle and a blue square", "A cat on a mat!",
+]
+# ids of the same captions for evaluate_captions: any hashables, none of them COCO's integers
+NON_NUMERIC_IDS = ["COCO_val2014_000000391895.jpg", ("img", 7), "7", 3.5, "ünïcode id", frozenset({1}), None, "a b"]
+# set B: uneven reference counts, single-word and repeated captions; scored without METEOR on both sides
+SET_B_REFS = [["dog"], ["a dog", "a dog", "a dog"], ["red red red red", "red"], ["the quick brown fox jumps"]]
+SET_B_PREDS = ["dog", "a dog", "red red", "a quick brown fox jumped over"]
+COCO_KEYS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+
+
+class _NoScorer:
+    """Stands in for a scorer COCOEvalCap must not run here (SPICE downloads CoreNLP; METEOR for set B)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def compute_score(self, gts, res):
+        return 0.0, [0.0] * len(gts)
+
+    def method(self):
+        return self.name
+
+
+def _coco_eval_cap(folder: Path, refs: list, preds: list) -> dict:
+    from pycocoevalcap.eval import COCOEvalCap
+    from pycocotools.coco import COCO
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = list(range(1, len(refs) + 1))
+    anns = [{"image_id": i, "caption": c} for i, rs in zip(ids, refs) for c in rs]
+    for n, ann in enumerate(anns, start=1):
+        ann["id"] = n
+    gt_file = folder / "gt.json"
+    gt_file.write_text(json.dumps({"images": [{"id": i} for i in ids], "annotations": anns, "type": "captions",
+                                   "info": {}, "licenses": []}))
+    res_file = folder / "res.json"
+    res_file.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in zip(ids, preds)]))
+    coco = COCO(str(gt_file))
+    coco_eval = COCOEvalCap(coco, coco.loadRes(str(res_file)))
+    coco_eval.evaluate()
+    return dict(coco_eval.eval)
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    """COCOEvalCap (in a thread) and evaluate_captions run at the same time: their JVMs start in parallel."""
+    import threading
+
+    import pycocoevalcap.eval as coco_eval_module
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    tmp = tmp_path_factory.mktemp("golden")
+    jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    (tmp / jar.name).symlink_to(jar)
+    out: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ptbtokenizer, "__file__", str(tmp / "ptbtokenizer.py"))  # its temp file goes to tmp
+        mp.setattr(coco_eval_module, "Spice", lambda: _NoScorer("SPICE"))
+
+        def theirs_a():
+            out["coco_a"] = _coco_eval_cap(tmp / "a", GOLDEN_REFS, GOLDEN_PREDS)
+
+        thread = threading.Thread(target=theirs_a)
+        thread.start()
+        try:
+            out["ours_a"] = evaluate_captions(dict(zip(NON_NUMERIC_IDS, GOLDEN_PREDS)),
+                                              dict(zip(NON_NUMERIC_IDS, GOLDEN_REFS)), work_dir=tmp / "ours_a",
+                                              metrics=("BLEU", "METEOR", "ROUGE_L", "CIDEr"))
+        finally:
+            thread.join()
+        mp.setattr(coco_eval_module, "Meteor", lambda: _NoScorer("METEOR"))
+        out["coco_b"] = _coco_eval_cap(tmp / "b", SET_B_REFS, SET_B_PREDS)
+    out["ours_b"] = evaluate_captions(dict(enumerate(SET_B_PREDS)), dict(enumerate(SET_B_REFS)),
+                                      metrics=NO_JAVA_METRICS, work_dir=tmp / "ours_b")
+    return out
+
+
+@needs_java
+def test_golden_all_metrics_equal_coco_eval_cap_with_non_numeric_ids(golden):
+    ours, theirs = golden["ours_a"], golden["coco_a"]
+    assert set(ours) == set(COCO_KEYS) | {"skipped"}
+    for key in COCO_KEYS:
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-9, rel=0), key
+    assert 0.1 < ours["METEOR"] < 0.9 and ours["CIDEr"] > 0.5  # a set that exercises every metric
+
+
+@needs_java
+def test_golden_uneven_references_equal_coco_eval_cap(golden):
+    ours, theirs = golden["ours_b"], golden["coco_b"]
+    for key in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-9, rel=0), key
+
+
+@needs_java
+def test_references_and_candidates_tokenised_in_one_jvm_equal_two_calls(tmp_path):
+    refs = [TRICKY[:4], TRICKY[4:9], TRICKY[9:]]
+    gts, res = cm._tokenise_all(refs, TRICKY[:3], str(tmp_path), "java")
+    assert [gts[i] for i in range(3)] == [cm.ptb_tokenize(r, tmp_path) for r in refs]
+    assert [res[i][0] for i in range(3)] == cm.ptb_tokenize(TRICKY[:3], tmp_path)
+
+
+def test_missing_java_on_path_fails_before_any_work(tmp_path, monkeypatch):
+    """The user's situation, not a mocked lookup: PATH without java, then a java that cannot run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(RuntimeError, match=r"`java` is not on PATH.*apt-get install openjdk"):
+        evaluate_captions({1: "a cat"}, {1: ["a cat"]}, work_dir=tmp_path / "work")
+    assert not (tmp_path / "work").exists()  # checked before the work dir, the tokenizer or METEOR
+    broken = bin_dir / "java"
+    broken.write_text("#!/bin/sh\necho 'Error: could not find libjava.so' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"-version` exited with 3: Error: could not find libjava\.so"):
+        evaluate_captions({1: "a cat"}, {1: ["a cat"]}, work_dir=tmp_path / "work")
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        best_constant_caption({1: ["a cat"]})
+    assert not (tmp_path / "work").exists()
+
+
+@needs_java
+def test_meteor_process_reports_a_jvm_that_dies(tmp_path):
+    meteor = cm._MeteorProcess("java", str(tmp_path), timeout=300)
+    meteor.proc.kill()
+    with pytest.raises(RuntimeError, match=r"METEOR failed"):
+        meteor.score({0: ["a cat"]}, {0: ["a cat"]})
+    meteor.close()  # idempotent
+    assert meteor.proc.poll() is not None and list(tmp_path.iterdir()) == []

@@ -160,7 +160,8 @@ def test_paper_settings():
         for name in ("vqav2", "okvqa", "gqa"):
             zs = OmegaConf.load(RECIPES / llm / f"eval_{name}_zeroshot.yaml")
             prompt = "Question: {} Answer:" if llm.startswith("opt") else "Question: {} Short answer:"
-            assert zs.datasets.json_vqa.prompt == prompt and zs.run.prompt == ""
+            data = zs.datasets.gqa_files if name == "gqa" else zs.datasets.json_vqa
+            assert data.prompt == prompt and zs.run.prompt == ""
             assert (zs.run.num_beams, zs.run.length_penalty, zs.run.evaluate) == (5, -1.0, True)
         for lora in ("caption_coco_ft_lora", "vqav2_ft_lora"):
             assert OmegaConf.load(RECIPES / llm / f"{lora}.yaml").model.lora_llm.r == 16
@@ -219,7 +220,7 @@ def fake_data(tmp_path_factory, synthetic_root) -> dict:
     dump(okvqa / "annotations/okvqa_val.jsonl", [{"image": "val2014/b.jpg", "question": "why?", "answers": ["fun"] * 10}], jsonl=True)
     gqa = root / "gqa"
     image(gqa / "images/n1.jpg")
-    dump(gqa / "annotations/testdev_balanced.jsonl", [{"image": "n1.jpg", "question": "is it red?", "answers": ["yes"] * 10}], jsonl=True)
+    dump(gqa / "testdev_balanced_questions.json", {"201": {"imageId": "n1", "question": "is it red?", "answer": "yes"}})
     nocaps = root / "nocaps"
     image(nocaps / "images/val/x.jpg")
     dump(nocaps / "annotations/nocaps_val_4500_captions.json", {

@@ -1,0 +1,171 @@
+"""Time to score 5,000 captions x 5 references: ours against pycocoevalcap's COCOEvalCap run the way LAVIS runs it.
+
+Peer (LAVIS's ``coco_caption_eval``): COCO-format ground-truth and result files on disk, ``COCO(gt)``,
+``coco.loadRes(results)``, ``COCOEvalCap(coco, res).evaluate()``: two PTB tokenizer JVMs, BLEU, METEOR (one pipe round
+trip per image), ROUGE-L, CIDEr-D one after the other. Its SPICE step is stubbed out (it downloads Stanford CoreNLP,
+impossible offline; ours reports SPICE as skipped), and its tokenizer's temporary file is redirected to the run's
+temp folder instead of site-packages (the same work).
+Ours: ``lavis_ext.evaluation.score.score_captions`` on the same two files (reading them included): one tokenizer JVM,
+METEOR's JVM started first and fed without round trips in a thread, BLEU/ROUGE-L/CIDEr-D meanwhile.
+
+The captions are synthetic and deterministic (seeded): 8-16 words from a COCO-like vocabulary, mixed case and
+punctuation. Runs alternate peer/ours so that load changes on a shared machine hit both. Prints median/min/max of
+``--runs`` runs each for wall time and for CPU time (this process plus its Java children: load-independent on a
+shared machine), the ratios of the medians, and the largest score difference (must be <= 1e-9).
+Usage: python bench/caption_scoring.py [--runs 3] [--images 5000] [--refs 5]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+KEYS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+SUBJECTS = ["a man", "a woman", "two dogs", "a cat", "a group of people", "a young boy", "an old bus", "a red car",
+            "three birds", "a plate of food", "a brown horse", "a little girl", "a train", "a giraffe", "two men"]
+VERBS = ["sitting on", "standing next to", "riding", "walking down", "looking at", "playing with", "parked near",
+         "eating", "lying on", "flying over", "holding", "crossing"]
+OBJECTS = ["a wooden bench", "the beach", "a busy street", "a green field", "a frisbee", "a large table",
+           "the snow", "a kitchen counter", "a tall building", "the water", "a skateboard", "a pizza", "the grass"]
+TAILS = ["", " in the park", " at night", " on a sunny day", " with a ball", " near the ocean", " in a room",
+         ", looking happy", " while it rains", " in front of a house"]
+
+
+def make_captions(num_images: int, num_refs: int, seed: int = 0) -> tuple[dict, dict]:
+    rng = random.Random(seed)
+
+    def caption() -> str:
+        text = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}"
+        if rng.random() < 0.5:
+            text = text[0].upper() + text[1:]
+        return text + rng.choice(["", ".", " .", "!"])
+
+    refs = {100000 + i: [caption() for _ in range(num_refs)] for i in range(num_images)}
+    preds = {i: caption() for i in refs}
+    return refs, preds
+
+
+def write_files(folder: Path, refs: dict, preds: dict) -> tuple[Path, Path]:
+    anns = [{"image_id": i, "caption": c} for i, cs in refs.items() for c in cs]
+    for n, ann in enumerate(anns, start=1):
+        ann["id"] = n
+    gt = folder / "captions_gt.json"
+    gt.write_text(json.dumps({"images": [{"id": i} for i in refs], "annotations": anns, "type": "captions",
+                              "info": {}, "licenses": []}))
+    res = folder / "results.json"
+    res.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in preds.items()]))
+    return gt, res
+
+
+class _NoSpice:
+    def compute_score(self, gts, res):
+        return 0.0, [0.0] * len(gts)
+
+    def method(self):
+        return "SPICE"
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the JVMs), user + system."""
+    gc.collect()  # the peer's Meteor JVM is stopped and reaped in Meteor.__del__
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(fn, *args) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds incl. child processes, scores)."""
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    scores = fn(*args)
+    wall = time.perf_counter() - start
+    return wall, cpu_seconds() - cpu0, scores
+
+
+def run_peer(gt: Path, res: Path, tmp: Path) -> dict:
+    """LAVIS's lavis/tasks/captioning.py::coco_caption_eval, minus the download and the SPICE step."""
+    import contextlib
+    import io
+
+    import pycocoevalcap.eval as coco_eval_module
+    from pycocoevalcap.tokenizer import ptbtokenizer
+    from pycocotools.coco import COCO
+
+    real_file, real_spice = ptbtokenizer.__file__, coco_eval_module.Spice
+    jar = Path(real_file).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    link = tmp / jar.name
+    if not link.exists():
+        link.symlink_to(jar)
+    ptbtokenizer.__file__, coco_eval_module.Spice = str(tmp / "ptbtokenizer.py"), _NoSpice
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            coco = COCO(str(gt))
+            coco_result = coco.loadRes(str(res))
+            coco_eval = coco_eval_module.COCOEvalCap(coco, coco_result)
+            coco_eval.evaluate()
+    finally:
+        ptbtokenizer.__file__, coco_eval_module.Spice = real_file, real_spice
+    return {k: coco_eval.eval[k] for k in KEYS}
+
+
+def run_ours(gt: Path, res: Path, tmp: Path) -> dict:
+    from lavis_ext.evaluation.score import score_captions
+
+    report = score_captions(res, gt, metrics=["BLEU", "METEOR", "ROUGE_L", "CIDEr"], work_dir=tmp / "ours")
+    return report["metrics"]
+
+
+def summary(times: list[float]) -> str:
+    return f"median {statistics.median(times):.2f} s (min {min(times):.2f}, max {max(times):.2f})"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--refs", type=int, default=5)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import lavis_ext.evaluation.score  # noqa: F401  (import cost outside the timings)
+
+    refs, preds = make_captions(args.images, args.refs)
+    times: dict[str, list[float]] = {"peer": [], "ours": []}
+    cpu: dict[str, list[float]] = {"peer": [], "ours": []}
+    worst = 0.0
+    with tempfile.TemporaryDirectory(prefix="bench_capscore_") as tmp_name:
+        tmp = Path(tmp_name)
+        gt, res = write_files(tmp, refs, preds)
+        for run in range(args.runs):
+            order = (("peer", run_peer), ("ours", run_ours))
+            scores = {}
+            for name, fn in order if run % 2 == 0 else order[::-1]:
+                elapsed, used, scores[name] = timed(fn, gt, res, tmp)
+                times[name].append(elapsed)
+                cpu[name].append(used)
+                print(f"run {run + 1}/{args.runs} {name}: {elapsed:.2f} s wall, {used:.2f} s CPU", flush=True)
+            worst = max(worst, max(abs(scores["ours"][k] - scores["peer"][k]) for k in KEYS))
+    ratio = statistics.median(times["peer"]) / statistics.median(times["ours"])
+    cpu_ratio = statistics.median(cpu["peer"]) / statistics.median(cpu["ours"])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\n{args.images} captions x {args.refs} references, {args.runs} runs each, {os.cpu_count()} CPUs, "
+          f"load average {load:.1f} at the end")
+    print(f"peer (COCOEvalCap as LAVIS runs it, SPICE stubbed): wall {summary(times['peer'])}; "
+          f"CPU {summary(cpu['peer'])}")
+    print(f"ours (lavis_ext score_captions):                   wall {summary(times['ours'])}; "
+          f"CPU {summary(cpu['ours'])}")
+    print(f"speed-up, wall (median / median): {ratio:.2f}x   (target >= 2x)")
+    print(f"CPU used, peer / ours (median / median): {cpu_ratio:.2f}x")
+    print(f"largest score difference over {', '.join(KEYS)}: {worst:.3g}  (must be <= 1e-9)")
+    print("scores: " + "  ".join(f"{k}={scores['ours'][k]:.6f}" for k in KEYS))
+    if worst > 1e-9:
+        raise SystemExit("scores differ")
+    return {"times": times, "cpu": cpu, "ratio": ratio, "cpu_ratio": cpu_ratio, "max_diff": worst}
+
+
+if __name__ == "__main__":
+    main()
