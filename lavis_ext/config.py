@@ -28,7 +28,7 @@ RUN_KEYS = {
     "report_metric", "prompt", "inference_method", "num_ans_candidates", "train_dataset_ratios",
     "k_test", "save_freq",
     # ours
-    "amp_dtype", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "constant_baseline", "length_penalty", "dist_timeout_s",
+    "amp_dtype", "vit_layer_decay", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "constant_baseline", "length_penalty", "dist_timeout_s",
     # resume and checkpoints (lavis_ext.runners.runner_base, docs/distributed.md)
     "resume", "job_id", "save_every_steps", "keep_step_checkpoints", "min_free_disk_mb",
     # written by distributed init

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -61,6 +62,25 @@ from lavis_ext.tasks.base import resolve_amp_dtype
 logger = logging.getLogger(__name__)
 
 
+_VIT_BLOCK = re.compile(r"^visual_encoder\.(?:blocks|transformer\.resblocks)\.(\d+)\.")
+
+
+def vit_depth(model) -> int:
+    """Number of transformer blocks of the model's ViT (EVA ``blocks`` or CLIP ``transformer.resblocks``)."""
+    ids = {int(m.group(1)) for name, _ in model.named_parameters() if (m := _VIT_BLOCK.match(name))}
+    return max(ids) + 1 if ids else 0
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """0 for the ViT's embeddings, i + 1 for its block i, depth + 1 for everything else (no decay)."""
+    match = _VIT_BLOCK.match(name)
+    if match:
+        return int(match.group(1)) + 1
+    if name.startswith("visual_encoder.") and any(k in name for k in ("patch_embed", "pos_embed", "cls_token", "conv1", "class_embedding", "positional_embedding", "ln_pre")):
+        return 0
+    return depth + 1
+
+
 @registry.register_runner("runner_base_ext")
 class RunnerBaseExt(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id, resume_path: str | None = None):
@@ -94,6 +114,37 @@ class RunnerBaseExt(RunnerBase):
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
+
+    @property
+    def optimizer(self):
+        """LAVIS's AdamW groups (no weight decay on biases, norms and 1-d tensors), plus the paper's
+        layer-wise LR decay of the ViT (Tables 7-9) with ``run.vit_layer_decay: d``: block i of L trains at
+        ``lr x d^(L - i)``, the patch/position embeddings at ``d^(L + 1)``, everything else at ``lr``.
+        LAVIS has one LR for all parameters; the scales are applied by the training loop."""
+        decay = float(self.config.run_cfg.get("vit_layer_decay") or 1.0)
+        if self._optimizer is not None or decay == 1.0:
+            return super().optimizer
+        run = self.config.run_cfg
+        model = self.unwrap_dist_model(self.model)
+        depth = vit_depth(model)
+        groups: dict = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            scale = decay ** (depth + 1 - vit_layer_id(name, depth))
+            no_wd = param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+            group = groups.setdefault(
+                (scale, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else float(run.weight_decay), "lr_scale": scale}
+            )
+            group["params"].append(param)
+        self._optimizer = torch.optim.AdamW(
+            list(groups.values()),
+            lr=float(run.init_lr),
+            weight_decay=float(run.weight_decay),
+            betas=(0.9, run.get("beta2", 0.999)),
+        )
+        logger.info("ViT layer-wise LR decay %.3f over %d blocks: %d param groups", decay, depth, len(groups))
+        return self._optimizer
 
     @property
     def scaler(self):

@@ -64,6 +64,19 @@ def resolve_amp_dtype(run_cfg, device: torch.device, model=None) -> torch.dtype 
     return AMP_DTYPES[name]
 
 
+def apply_lr_scales(optimizer) -> None:
+    """Scale each param group's LR by its ``lr_scale`` (layer-wise decay, see the runner's optimizer).
+    LAVIS's schedulers set one LR on every group at every step, so the scale is re-applied after them."""
+    for group in optimizer.param_groups:
+        if "lr_scale" in group:
+            group["lr"] *= group["lr_scale"]
+
+
+def peak_lr(optimizer) -> float:
+    """The schedule's LR (the largest group LR: unscaled groups have scale 1)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -184,6 +197,7 @@ class TaskExtMixin:
             samples = move_to_device(next(data_loader), device)
             samples.update({"epoch": inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
             lr_scheduler.step(cur_epoch=inner_epoch, cur_step=i)
+            apply_lr_scales(optimizer)
             with self._autocast(device, model):
                 loss = self.train_step(model=model, samples=samples)
             scaled = loss / accum_grad_iters
@@ -224,7 +238,7 @@ class TaskExtMixin:
             if (i + 1) % log_freq == 0 or i + 1 == iters_per_epoch:
                 # One host sync per log interval, not per step.
                 shown_loss = loss.item()
-                lr = optimizer.param_groups[0]["lr"]
+                lr = peak_lr(optimizer)
                 progress.set_postfix(loss=f"{shown_loss:.4f}", lr=f"{lr:.2e}")
                 if self.tracker is not None:
                     self.tracker.scalar("train/loss", shown_loss, self.global_step)
@@ -237,7 +251,7 @@ class TaskExtMixin:
         mean_loss = (loss_sum / max(iters_per_epoch, 1)).item()
         if not math.isfinite(mean_loss):
             logger.warning("epoch %d mean training loss is %s", epoch, mean_loss)
-        logger.info("epoch %d: mean loss %.4f, last lr %.3e", epoch, mean_loss, optimizer.param_groups[0]["lr"])
+        logger.info("epoch %d: mean loss %.4f, last lr %.3e", epoch, mean_loss, peak_lr(optimizer))
         if self.tracker is not None:
             self.tracker.scalar("train/epoch_loss", mean_loss, self.global_step)
         return {

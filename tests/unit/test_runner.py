@@ -48,3 +48,32 @@ def test_stream_loader_has_fixed_length_and_restarts_with_new_epoch():
     assert len(loader) == 2
     assert [next(loader) for _ in range(7)] == [1, 2, 3, 1, 2, 3, 1]
     assert dataset.epochs == [5, 6, 7]
+
+
+def test_vit_layer_decay_gives_each_block_its_learning_rate(synthetic_root):
+    """The paper's layer-wise LR decay (Tables 7-9): block i of L at lr x d^(L - i), embeddings at d^(L + 1)."""
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+    from tiny_models import tiny_model
+
+    from lavis_ext.tasks.base import apply_lr_scales
+
+    model = tiny_model("blip2_opt_ext")  # ViT of 3 blocks
+    runner = object.__new__(RunnerBaseExt)
+    runner._optimizer, runner._model, runner._wrapped_model = None, model, model
+    runner.config = SimpleNamespace(run_cfg=OmegaConf.create(
+        {"vit_layer_decay": 0.5, "init_lr": 1.0, "weight_decay": 0.05, "distributed": False}))
+    optimizer = runner.optimizer
+    apply_lr_scales(optimizer)  # the scheduler has just set lr = 1.0 on every group
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["visual_encoder.blocks.2.attn.qkv.weight"])] == 0.5
+    assert lr_of[id(named["visual_encoder.blocks.0.attn.qkv.weight"])] == 0.125
+    assert lr_of[id(named["visual_encoder.patch_embed.proj.weight"])] == 0.0625
+    assert lr_of[id(named["opt_proj.weight"])] == 1.0 and lr_of[id(named["query_tokens"])] == 1.0
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(named["opt_proj.bias"]) in no_decay and id(named["opt_proj.weight"]) not in no_decay
+    assert isinstance(optimizer, torch.optim.AdamW)
