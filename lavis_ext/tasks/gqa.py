@@ -16,7 +16,6 @@ import os
 
 from lavis.common.registry import registry
 
-from lavis_ext.tasks.base import write_metrics
 from lavis_ext.tasks.vqa import VQATaskExt
 
 
@@ -24,26 +23,12 @@ from lavis_ext.tasks.vqa import VQATaskExt
 class GQATaskExt(VQATaskExt):
     result_name = "gqa_result"
 
-    def _score(self, merged, split_name, epoch) -> dict:
+    metric_name = "GQA accuracy (exact match)"
+
+    def _accuracy(self, predictions, ground_truths) -> dict:
         from lavis_ext.evaluation.vqa import gqa_accuracy
 
-        predictions = {r["question_id"]: r["answer"] for r in merged}
-        ground_truths = {
-            r["question_id"]: {
-                "answers": r["answers"],
-                "question_type": r.get("question_type", "all"),
-                "answer_type": r.get("answer_type", "all"),
-            }
-            for r in merged
-        }
-        metrics = gqa_accuracy(predictions, ground_truths)
-        metrics["agg_metrics"] = metrics["overall"]
-        write_metrics(split_name, epoch, {"num_questions": len(merged)}, metrics)
-        per_type = "  ".join(f"{k}={v:.2f}" for k, v in sorted(metrics["per_answer_type"].items()))
-        print(f"[{split_name} epoch {epoch}] GQA accuracy (exact match)={metrics['overall']:.2f} "
-              f"({metrics['correct']}/{metrics['num_questions']})  {per_type}", flush=True)
-        return {"agg_metrics": metrics["overall"], "overall": metrics["overall"],
-                **{f"acc_{k}": v for k, v in metrics["per_answer_type"].items()}}
+        return gqa_accuracy(predictions, ground_truths)
 
     def _write_submission(self, merged, split_name, epoch) -> dict:
         from lavis_ext.evaluation.vqa import write_gqa_submission

@@ -142,9 +142,14 @@ class VQATaskExt(TaskExtMixin, VQATask):
             )
         return self._score(merged, split_name, epoch)
 
-    def _score(self, merged, split_name, epoch) -> dict:
+    metric_name = "VQA accuracy"
+
+    def _accuracy(self, predictions, ground_truths) -> dict:
         from lavis_ext.evaluation.vqa import vqa_accuracy
 
+        return vqa_accuracy(predictions, ground_truths)
+
+    def _score(self, merged, split_name, epoch) -> dict:
         predictions = {r["question_id"]: r["answer"] for r in merged}
         ground_truths = {
             r["question_id"]: {
@@ -154,11 +159,11 @@ class VQATaskExt(TaskExtMixin, VQATask):
             }
             for r in merged
         }
-        metrics = vqa_accuracy(predictions, ground_truths)
+        metrics = self._accuracy(predictions, ground_truths)
         metrics["agg_metrics"] = metrics["overall"]
         write_metrics(split_name, epoch, {"num_questions": len(merged)}, metrics)
         per_type = "  ".join(f"{k}={v:.2f}" for k, v in sorted(metrics["per_answer_type"].items()))
-        print(f"[{split_name} epoch {epoch}] VQA accuracy={metrics['overall']:.2f}  {per_type}", flush=True)
+        print(f"[{split_name} epoch {epoch}] {self.metric_name}={metrics['overall']:.2f}  {per_type}", flush=True)
         return {"agg_metrics": metrics["overall"], "overall": metrics["overall"],
                 **{f"acc_{k}": v for k, v in metrics["per_answer_type"].items()}}
 
