@@ -84,9 +84,6 @@ def vit_layer_id(name: str, depth: int) -> int:
 @registry.register_runner("runner_base_ext")
 class RunnerBaseExt(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id, resume_path: str | None = None):
-        # A second runner in one process: KeyError: "Name 'result_dir' already registered." (registry.py:200)
-        for key in ("result_dir", "output_dir"):
-            registry.mapping["paths"].pop(key, None)
         super().__init__(cfg, task, model, datasets, job_id)
         self.resume_path = resume_path
         self._resume_auto = resume_path is not None and not cfg.run_cfg.get("resume_ckpt_path")
@@ -172,6 +169,9 @@ class RunnerBaseExt(RunnerBase):
                 f"{error}); set run.output_dir to a writable folder (e.g. --options run.output_dir=runs/x) "
                 "or fix its permissions"
             ) from error
+        # A second runner in one process: KeyError: "Name 'result_dir' already registered." (registry.py:200)
+        for key in ("result_dir", "output_dir"):
+            registry.mapping["paths"].pop(key, None)
         registry.register_path("result_dir", str(result_dir))
         registry.register_path("output_dir", str(output_dir))
         self.result_dir, self.output_dir = result_dir, output_dir
