@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lavis_ext import dist as ext_dist
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "lavis_ext.checkpoint/1"
@@ -76,7 +78,7 @@ def capture_rng_state() -> dict:
         "numpy": {"kind": kind, "keys": np.asarray(keys, dtype=np.uint32).copy(), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "cuda": ext_dist.cuda_rng_states(),
     }
     return state
 
@@ -88,9 +90,7 @@ def restore_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
-    if state.get("cuda") and torch.cuda.is_available():
-        cuda = [torch.as_tensor(s, dtype=torch.uint8).cpu() for s in state["cuda"]]
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    ext_dist.restore_cuda_rng_states(state.get("cuda"))
 
 
 def _rank_tensors(rank: int, rng: dict) -> tuple[dict[str, torch.Tensor], dict]:

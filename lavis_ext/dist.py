@@ -147,6 +147,20 @@ def maybe_inject_fault(where: str, step: int, run_dir, tmp_file: Path | None = N
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def cuda_rng_states() -> list:
+    """Every visible GPU's RNG state (none before CUDA is in use), for full-state checkpoints."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.get_rng_state_all()
+    return []
+
+
+def restore_cuda_rng_states(states) -> None:
+    """Inverse of :func:`cuda_rng_states`, for the GPUs this process has."""
+    if states and torch.cuda.is_available():
+        cuda = [torch.as_tensor(s, dtype=torch.uint8).cpu() for s in states]
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

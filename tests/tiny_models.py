@@ -7,6 +7,20 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
 
+# `--options` for a short train+eval through the real entry points: 1 epoch, greedy decoding.
+QUICK = [
+    "run.max_epoch=1",
+    "run.batch_size_train=16",
+    "run.batch_size_eval=16",
+    "run.num_workers=0",
+    "run.num_beams=1",
+    "run.max_len=8",
+    "run.warmup_steps=5",
+    "run.log_freq=5",
+    "run.constant_baseline=false",
+]
+
+
 def tiny_config(arch: str, **overrides):
     cls = registry.get_model_class(arch)
     return OmegaConf.merge(OmegaConf.load(cls.default_config_path("tiny")).model, overrides)

@@ -401,12 +401,7 @@ class AnnotationBuilder(BaseDatasetBuilder):
         info = self._build_info()
         prefix = f"datasets.{self.name}.build_info"
         root = info.get("root")
-        image_root = info.get("image_root") or root
-        if not image_root:
-            raise ValueError(f"{prefix}.image_root is not set; give the folder the image paths are relative to")
-        image_root = self._join(root, image_root)
-        if not os.path.isdir(image_root):
-            raise FileNotFoundError(f"{prefix}.image_root {str(image_root)!r} is not a folder")
+        image_root = self._image_root(info, prefix)
         annotations = info.get("annotations") or {}
         if not isinstance(annotations, dict) or not annotations:
             raise ValueError(f"{prefix}.annotations gives no splits; e.g. {{train: train.jsonl, val: val.jsonl}}")
@@ -434,6 +429,17 @@ class AnnotationBuilder(BaseDatasetBuilder):
     def _join(root, path) -> str:
         path = os.path.expanduser(str(path))
         return path if root is None or os.path.isabs(path) else os.path.join(os.path.expanduser(str(root)), path)
+
+    def _image_root(self, info: dict, prefix: str):
+        """``build_info.image_root`` (default ``root``), joined to ``root``; it must be a folder."""
+        root = info.get("root")
+        image_root = info.get("image_root") or root
+        if not image_root:
+            raise ValueError(f"{prefix}.image_root is not set; give the folder the image paths are relative to")
+        image_root = self._join(root, image_root)
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(f"{prefix}.image_root {str(image_root)!r} is not a folder")
+        return image_root
 
     def _build_info(self) -> dict:
         return read_build_info(self.config, BUILD_INFO_KEYS, self.name)

@@ -118,12 +118,7 @@ class _FilesBuilder(AnnotationBuilder):
         info = read_build_info(self.config, self.BUILD_INFO_KEYS, self.name)
         prefix = f"datasets.{self.name}.build_info"
         root = info.get("root")
-        image_root = info.get("image_root") or root
-        if not image_root:
-            raise ValueError(f"{prefix}.image_root is not set; give the folder the images are in")
-        image_root = self._join(root, image_root)
-        if not os.path.isdir(image_root):
-            raise FileNotFoundError(f"{prefix}.image_root {str(image_root)!r} is not a folder")
+        image_root = self._image_root(info, prefix)
         questions = info.get("questions") or {}
         if not isinstance(questions, dict) or not questions:
             raise ValueError(f"{prefix}.questions gives no splits; e.g. {{val: v2_OpenEnded_mscoco_val2014_questions.json}}")

@@ -146,7 +146,7 @@ class RunnerBaseExt(RunnerBase):
     @property
     def scaler(self):
         """A loss scaler only where it is needed: fp16 autocast on a GPU. LAVIS creates
-        `torch.cuda.amp.GradScaler` whenever `amp` is on (also for bf16, and on CPU)."""
+        a CUDA GradScaler whenever `amp` is on (also for bf16, and on CPU)."""
         if self._scaler is None and self.config.run_cfg.get("amp", False):
             if resolve_amp_dtype(self.config.run_cfg, self.device, self._model) == torch.float16:
                 self._scaler = torch.amp.GradScaler(self.device.type)
@@ -281,16 +281,23 @@ class RunnerBaseExt(RunnerBase):
         (:mod:`lavis_ext.checkpoints`); LAVIS pickles the lot with ``torch.save`` in place. The epoch
         and step checkpoints that runs resume from are written by :meth:`save_state` (all ranks)."""
         path = self.checkpoint_path("best" if is_best else cur_epoch)
-        save_checkpoint(
+        self._write_checkpoint(
+            path,
+            epoch=cur_epoch,
+            extra={"best_agg_metric": self.best_agg_metric, "best_epoch": self.best_epoch} if is_best else None,
+        )
+        logger.info("saved checkpoint of epoch %s to %s", cur_epoch, path)
+
+    def _write_checkpoint(self, path, **state):
+        """This run's model, config, optimizer and scaler, plus ``state``, into one checkpoint file."""
+        return save_checkpoint(
             path,
             self.unwrap_dist_model(self.model),
             config=self.config.to_dict(),
             optimizer=self.optimizer,
             scaler=self.scaler,
-            epoch=cur_epoch,
-            extra={"best_agg_metric": self.best_agg_metric, "best_epoch": self.best_epoch} if is_best else None,
+            **state,
         )
-        logger.info("saved checkpoint of epoch %s to %s", cur_epoch, path)
 
     def _train_loader_position(self):
         loader = self.train_loader
@@ -312,12 +319,8 @@ class RunnerBaseExt(RunnerBase):
             "best_agg_metric": self.best_agg_metric, "best_epoch": self.best_epoch,
             **(loop_state or {}),
         }
-        save_checkpoint(
+        self._write_checkpoint(
             path,
-            self.unwrap_dist_model(self.model),
-            config=self.config.to_dict(),
-            optimizer=self.optimizer,
-            scaler=self.scaler,
             epoch=epoch if epoch_done else epoch - 1,  # LAVIS's meaning: the last completed epoch
             lr_scheduler=self.lr_scheduler,
             train_state=train_state,

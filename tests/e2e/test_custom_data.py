@@ -7,20 +7,10 @@ import tarfile
 from pathlib import Path
 
 from lavis_ext import cli
+from tiny_models import QUICK
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = REPO / "projects/tiny/caption_custom_jsonl.yaml"
-QUICK = [
-    "run.max_epoch=1",
-    "run.batch_size_train=16",
-    "run.batch_size_eval=16",
-    "run.num_workers=0",
-    "run.num_beams=1",
-    "run.max_len=8",
-    "run.warmup_steps=5",
-    "run.log_freq=5",
-    "run.constant_baseline=false",
-]
 
 
 def _custom_dataset(synthetic_root: Path, out: Path) -> dict:

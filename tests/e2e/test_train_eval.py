@@ -10,22 +10,10 @@ from pathlib import Path
 import pytest
 
 from lavis_ext import cli
+from tiny_models import QUICK
 from lavis_ext.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-
-# Small and quick: 1 epoch over the session's small synthetic set, greedy decoding.
-QUICK = [
-    "run.max_epoch=1",
-    "run.batch_size_train=16",
-    "run.batch_size_eval=16",
-    "run.num_workers=0",
-    "run.num_beams=1",
-    "run.max_len=8",
-    "run.warmup_steps=5",
-    "run.log_freq=5",
-    "run.constant_baseline=false",
-]
 
 
 def shard_options(root: Path, dataset: str = "wds_caption") -> list[str]:
