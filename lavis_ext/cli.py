@@ -121,24 +121,35 @@ def evaluate(argv=None):
     return _run(argv, "Evaluate a model with a LAVIS project file.", lambda r: r.evaluate(skip_reload=True))
 
 
+# `lavis-ext NAME ...` -> "module:function"; each function takes the remaining argv and returns an exit code.
+# Imported lazily so that one command's dependencies (onnxruntime, FastAPI, Gradio...) never slow another.
+SUBCOMMANDS = {
+    "data": "lavis_ext.datasets.synthetic:main",
+    "shards": "lavis_ext.datasets.to_shards:main",
+    "score": "lavis_ext.evaluation.score:main",
+    "hf": "lavis_ext.interop.hf_bridge:main",
+    "onnx": "lavis_ext.interop.onnx_export:main",
+    "tensorrt": "lavis_ext.interop.tensorrt_build:main",
+    "serve": "lavis_ext.serving.server:main",
+    "gradio": "lavis_ext.serving.gradio_app:main",
+    "video": "lavis_ext.apps.video:main",
+    "ask": "lavis_ext.apps.question_packs:main",
+    "new": "lavis_ext.scaffold:main",
+}
+
+
 def main(argv=None) -> int:
-    """`lavis-ext {train,evaluate,data,shards,score} ...`"""
+    """`lavis-ext {train,evaluate,<SUBCOMMANDS>} ...`"""
+    import importlib
+
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train, "evaluate": evaluate}
-    if argv and argv[0] == "data":
-        from lavis_ext.datasets.synthetic import main as data_main
-
-        return data_main(argv[1:]) or 0
-    if argv and argv[0] == "shards":
-        from lavis_ext.datasets.to_shards import main as shards_main
-
-        return shards_main(argv[1:]) or 0
-    if argv and argv[0] == "score":
-        from lavis_ext.evaluation.score import main as score_main
-
-        return score_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        module, function = SUBCOMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:]) or 0
     if not argv or argv[0] not in commands:
-        print("usage: lavis-ext {train,evaluate,data,shards,score} ...", file=sys.stderr)
+        names = ",".join([*commands, *SUBCOMMANDS])
+        print(f"usage: lavis-ext {{{names}}} ...", file=sys.stderr)
         return 2
     commands[argv[0]](argv[1:])
     ext_dist.shutdown()

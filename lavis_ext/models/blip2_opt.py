@@ -77,10 +77,11 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         self.prompt_length = prompt_tokens.attention_mask.sum(1)
 
     # ---- shared image path ----------------------------------------------------------------------
-    def encode_image_for_llm(self, image: torch.Tensor, questions=None):
-        """Image (and question, see ``qformer_text_input``) -> query embeddings in the LLM's space, mask."""
-        inputs_opt = self.opt_proj(self.encode_queries(image, questions))
-        atts_opt = torch.ones(inputs_opt.size()[:-1], dtype=torch.long, device=image.device)
+    def encode_image_for_llm(self, image: torch.Tensor | None = None, questions=None, image_embeds=None):
+        """Image or its ``encode_vision`` features (and question, see ``qformer_text_input``) -> query
+        embeddings in the LLM's space (the prefix OPT reads before the prompt), mask."""
+        inputs_opt = self.opt_proj(self.encode_queries(image, questions, image_embeds))
+        atts_opt = torch.ones(inputs_opt.size()[:-1], dtype=torch.long, device=inputs_opt.device)
         return inputs_opt, atts_opt
 
     # ---- training -------------------------------------------------------------------------------
@@ -122,10 +123,11 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
             weights = torch.ones(len(targets))
         return weighted_sequence_loss(logits, labels, weights, num_questions=len(samples["text_input"]))
 
-    def _generate_from_prompts(self, image, prompts, qformer_text=None, **generate_kwargs):
-        inputs_opt, atts_opt = self.encode_image_for_llm(image, qformer_text)
+    def generate_from_llm_inputs(self, inputs_opt, atts_opt, prompts, **generate_kwargs):
+        """Decode from the image prefix (``encode_image_for_llm``, or an exported image encoder's output)
+        followed by each prompt; Hugging Face ``generate`` keyword arguments pass through."""
         self.opt_tokenizer.padding_side = "left"
-        opt_tokens = self.opt_tokenizer(prompts, return_tensors="pt", padding="longest").to(image.device)
+        opt_tokens = self.opt_tokenizer(list(prompts), return_tensors="pt", padding="longest").to(inputs_opt.device)
         embed = self.opt_model.get_input_embeddings()
         inputs_embeds = torch.cat([inputs_opt.to(embed.weight.dtype), embed(opt_tokens.input_ids)], dim=1)
         attention_mask = torch.cat([atts_opt, opt_tokens.attention_mask], dim=1)

@@ -82,10 +82,11 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
         self._apply_lemmatizer = apply_lemmatizer
         self._lemmatizer = None
 
-    def encode_image_for_llm(self, image: torch.Tensor, questions=None):
-        """Image (and question, see ``qformer_text_input``) -> query embeddings in T5's space, mask."""
-        inputs_t5 = self.t5_proj(self.encode_queries(image, questions))
-        atts_t5 = torch.ones(inputs_t5.size()[:-1], dtype=torch.long, device=image.device)
+    def encode_image_for_llm(self, image: torch.Tensor | None = None, questions=None, image_embeds=None):
+        """Image or its ``encode_vision`` features (and question, see ``qformer_text_input``) -> query
+        embeddings in T5's space (the prefix of the encoder input), mask."""
+        inputs_t5 = self.t5_proj(self.encode_queries(image, questions, image_embeds))
+        atts_t5 = torch.ones(inputs_t5.size()[:-1], dtype=torch.long, device=inputs_t5.device)
         return inputs_t5, atts_t5
 
     def _encoder_inputs(self, image, prompts, qformer_text, index=None):
@@ -94,9 +95,12 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
         if index is not None:
             inputs_t5, atts_t5 = inputs_t5[index], atts_t5[index]
             prompts = [prompts[i] for i in index]
+        return self._prefix_prompts(inputs_t5, atts_t5, prompts)
+
+    def _prefix_prompts(self, inputs_t5, atts_t5, prompts):
         tokens = self.t5_tokenizer(
-            prompts, padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
-        ).to(image.device)
+            list(prompts), padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+        ).to(inputs_t5.device)
         embeds = self.t5_model.get_input_embeddings()(tokens.input_ids)
         inputs_embeds = torch.cat([inputs_t5.to(embeds.dtype), embeds], dim=1)
         return inputs_embeds, torch.cat([atts_t5, tokens.attention_mask], dim=1)
@@ -130,8 +134,10 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
             return {"loss": outputs.loss}
         return {"loss": weighted_sequence_loss(outputs.logits, labels, weights, num_questions=len(prompts))}
 
-    def _generate_from_prompts(self, image, prompts, qformer_text=None, **generate_kwargs):
-        inputs_embeds, attention_mask = self._encoder_inputs(image, list(prompts), qformer_text)
+    def generate_from_llm_inputs(self, inputs_t5, atts_t5, prompts, **generate_kwargs):
+        """Decode from the image prefix (``encode_image_for_llm``, or an exported image encoder's output)
+        followed by each prompt; Hugging Face ``generate`` keyword arguments pass through."""
+        inputs_embeds, attention_mask = self._prefix_prompts(inputs_t5, atts_t5, prompts)
         with self.maybe_autocast(dtype=torch.bfloat16):
             outputs = self.t5_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
         return [text.strip() for text in self.t5_tokenizer.batch_decode(outputs, skip_special_tokens=True)]

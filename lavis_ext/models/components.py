@@ -228,10 +228,17 @@ class Blip2ComponentsMixin:
                 layer.output = None
                 layer.intermediate = None
 
-    def encode_queries(self, image: torch.Tensor, questions=None) -> torch.Tensor:
-        """Image (and, with ``qformer_text_input``, the question) -> the Q-Former's query outputs."""
+    def encode_vision(self, image: torch.Tensor) -> torch.Tensor:
+        """Image -> the frozen-ViT features the Q-Former attends to (the costly part worth caching)."""
         with self.maybe_autocast():
-            image_embeds = self.ln_vision(self.visual_encoder(image))
+            return self.ln_vision(self.visual_encoder(image))
+
+    def encode_queries(self, image: torch.Tensor | None = None, questions=None, image_embeds=None) -> torch.Tensor:
+        """Image or its cached ``encode_vision`` features (and, with ``qformer_text_input``, the
+        question) -> the Q-Former's query outputs."""
+        if image_embeds is None:
+            image_embeds = self.encode_vision(image)
+        image = image_embeds  # device and batch size below
         image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=image.device)
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         if getattr(self, "qformer_text_input", False) and questions is not None:

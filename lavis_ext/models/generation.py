@@ -2,8 +2,14 @@
 
 LAVIS's `generate` passes `max_length`, which on current transformers counts the query embeddings and
 the prompt (LAVIS#707: captions collapse or fail), and BLIP-2 OPT in 1.0.2 has no `predict_answers`.
-Both models implement ``_generate_from_prompts(image, prompts, qformer_text, **hf_generate_kwargs)``;
-the methods here turn LAVIS's arguments into Hugging Face ones with ``max_new_tokens`` only.
+Both models implement ``encode_image_for_llm`` (image -> LLM prefix) and
+``generate_from_llm_inputs(prefix, mask, prompts, **hf_generate_kwargs)``; the methods here turn LAVIS's
+arguments into Hugging Face ones with ``max_new_tokens`` only.
+
+Besides ``image``, ``samples`` may carry the image side already computed, so that callers can reuse it:
+``image_embeds`` (the ViT features from ``encode_vision``: several questions about one image) or
+``llm_inputs`` (the finished prefix, e.g. from the ONNX image encoder; only for models without
+``qformer_text_input``, whose prefix does not depend on the question).
 """
 from __future__ import annotations
 
@@ -28,13 +34,13 @@ class Blip2GenerationMixin:
         temperature=1,
     ):
         """Caption images; returns ``batch_size * num_captions`` strings (image-major order)."""
-        image = samples["image"]
+        batch_size = _batch_size(samples)
         prompt = samples.get("prompt", self.prompt)
-        prompts = [prompt] * image.size(0) if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != image.size(0):
-            raise ValueError(f"got {len(prompts)} prompts for {image.size(0)} images; give one prompt or one per image")
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != batch_size:
+            raise ValueError(f"got {len(prompts)} prompts for {batch_size} images; give one prompt or one per image")
         return self._generate_from_prompts(
-            image,
+            samples,
             prompts,
             do_sample=use_nucleus_sampling,
             top_p=top_p,
@@ -68,7 +74,7 @@ class Blip2GenerationMixin:
         questions = [questions] if isinstance(questions, str) else list(questions)
         texts = [prompt.format(q) for q in questions] if prompt else questions
         answers = self._generate_from_prompts(
-            samples["image"],
+            samples,
             texts,
             qformer_text=samples.get("question", questions),
             do_sample=False,
@@ -79,5 +85,27 @@ class Blip2GenerationMixin:
         )
         return self._postprocess_answers(answers)
 
+    def _generate_from_prompts(self, samples, prompts, qformer_text=None, **generate_kwargs):
+        if "llm_inputs" in samples:
+            if getattr(self, "qformer_text_input", False) and qformer_text is not None:
+                raise ValueError(
+                    "llm_inputs cannot be reused with qformer_text_input: the prefix depends on the question; "
+                    "pass image_embeds (from encode_vision) instead"
+                )
+            llm_inputs = samples["llm_inputs"]
+            llm_atts = torch.ones(llm_inputs.size()[:-1], dtype=torch.long, device=llm_inputs.device)
+        else:
+            llm_inputs, llm_atts = self.encode_image_for_llm(
+                samples.get("image"), qformer_text, image_embeds=samples.get("image_embeds")
+            )
+        return self.generate_from_llm_inputs(llm_inputs, llm_atts, prompts, **generate_kwargs)
+
     def _postprocess_answers(self, answers):
         return answers
+
+
+def _batch_size(samples) -> int:
+    for key in ("llm_inputs", "image_embeds", "image"):
+        if samples.get(key) is not None:
+            return samples[key].size(0)
+    raise KeyError("samples need 'image' (or the cached 'image_embeds' / 'llm_inputs')")

@@ -66,6 +66,28 @@ def test_predict_answers(model):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_cached_image_side_gives_the_same_outputs(model):
+    """Serving and ONNX reuse the image side: ViT features or the finished LLM prefix decode exactly as the image."""
+    model.eval()
+    x = images(2, seed=3)
+    with torch.no_grad():
+        embeds = model.encode_vision(x)
+        prefix, _ = model.encode_image_for_llm(x)
+    direct = model.generate({"image": x}, num_beams=2, max_length=6)
+    assert model.generate({"image_embeds": embeds}, num_beams=2, max_length=6) == direct
+    assert model.generate({"llm_inputs": prefix}, num_beams=2, max_length=6) == direct
+    questions = ["Question: what color is the circle? Short answer:"] * 2
+    answers = model.predict_answers({"image": x, "text_input": questions}, num_beams=1, max_len=4)
+    assert model.predict_answers({"image_embeds": embeds, "text_input": questions}, num_beams=1, max_len=4) == answers
+
+
+def test_prefix_cannot_be_reused_when_it_depends_on_the_question(synthetic_root):
+    model = tiny_model("blip2_t5_ext", qformer_text_input=True).eval()
+    prefix, _ = model.encode_image_for_llm(images(1), ["what color?"])
+    with pytest.raises(ValueError, match="image_embeds"):
+        model.predict_answers({"llm_inputs": prefix, "text_input": ["what color?"]}, max_len=3)
+
+
 def test_vqa_training_contract_t5(synthetic_root):
     model = tiny_model("blip2_t5_ext")
     loss = model({"image": images(2), "text_input": ["Question: what color? Short answer:"] * 2, "text_output": ["red", "blue"]})["loss"]
