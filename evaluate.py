@@ -1,4 +1,4 @@
-"""Evaluate with a LAVIS project file: python evaluate.py --cfg-path ... --options model.load_finetuned=True model.finetuned=CKPT"""
+"""Evaluate with a LAVIS project file: python evaluate.py --cfg-path ... --checkpoint RUN_DIR_OR_CKPT [--options ...]"""
 from lavis_ext import cli
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from lavis_ext import dist as ext_dist
 logger = logging.getLogger("lavis_ext")
 
 
-def parse_args(argv=None, description="lavis-ext"):
+def parse_args(argv=None, description="lavis-ext", checkpoint=False):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cfg-path", required=True, help="path to the project YAML")
     parser.add_argument(
@@ -34,7 +34,20 @@ def parse_args(argv=None, description="lavis-ext"):
         default=None,
         help="override config entries, e.g. --options run.max_epoch=2 run.output_dir=runs/x",
     )
-    return parser.parse_args(argv)
+    if checkpoint:
+        parser.add_argument(
+            "--checkpoint",
+            default=None,
+            help="a checkpoint or run directory to evaluate (resolved by lavis_ext.inference: best, else latest); "
+            "the same as --options model.load_finetuned=True model.finetuned=FILE",
+        )
+    args = parser.parse_args(argv)
+    if getattr(args, "checkpoint", None):
+        from lavis_ext.inference import resolve_checkpoint
+
+        path = resolve_checkpoint(args.checkpoint)
+        args.options = [*(args.options or []), "model.load_finetuned=True", f"model.finetuned={path}"]
+    return args
 
 
 def load_config(args):
@@ -86,8 +99,8 @@ def build_runner(cfg, job_id: str, resume_path: str | None = None):
     return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets, **kwargs)
 
 
-def _run(argv, description, action):
-    args = parse_args(argv, description)
+def _run(argv, description, action, checkpoint=False):
+    args = parse_args(argv, description, checkpoint=checkpoint)
     cfg = load_config(args)
     ext_dist.init_distributed(cfg.run_cfg)
     setup_logging()
@@ -118,7 +131,7 @@ def train(argv=None):
 
 def evaluate(argv=None):
     """Evaluate the configured model on `run.test_splits`. Returns (runner, {split: metrics})."""
-    return _run(argv, "Evaluate a model with a LAVIS project file.", lambda r: r.evaluate(skip_reload=True))
+    return _run(argv, "Evaluate a model with a LAVIS project file.", lambda r: r.evaluate(skip_reload=True), checkpoint=True)
 
 
 # `lavis-ext NAME ...` -> "module:function"; each function takes the remaining argv and returns an exit code.

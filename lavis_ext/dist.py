@@ -37,8 +37,10 @@ def _free_port() -> int:
 
 
 def resolve_device(requested: str | None) -> torch.device:
-    """'cuda' when asked for and available, else an error naming the fix; 'cpu' otherwise."""
+    """'cuda' when asked for and available, else an error naming the fix; 'cpu' otherwise; 'auto' picks."""
     requested = (requested or "cpu").lower()
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(

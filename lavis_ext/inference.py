@@ -1,0 +1,317 @@
+"""One way from a trained checkpoint (or a project YAML) to a ready model with its processors.
+
+Every consumer (the HTTP server, the Gradio demo, the LangChain tools, video captioning, question packs,
+export, ``evaluate.py --checkpoint``) goes through :func:`load`, so they all see the same weights, the
+same image preprocessing and the same decoding defaults as the run that produced the checkpoint.
+
+Sources:
+* a checkpoint ``.safetensors`` written by our runner: its metadata carries the resolved run config, so
+  the model, processors, prompts and decoding settings are rebuilt from it; only the trainable tensors
+  are stored, the frozen base comes from the config (hub names, local paths, or the tiny inline configs);
+* a run directory: its ``checkpoint_best.safetensors``, else the checkpoint ``latest`` points to;
+* a project YAML (``--cfg-path`` format) with optional ``--options``: the model as configured (for
+  example ``model.finetuned`` set, or the released weights named by ``model_type``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import lavis_ext  # noqa: F401  (shims + registration)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding options a caller (HTTP client, UI, agent) may choose, with hard limits so one request
+    cannot take the server down (a 50-beam, 500-token request is minutes of compute)."""
+
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    use_nucleus_sampling: bool = False
+    top_p: float = 0.9
+    temperature: float = 1.0
+
+    LIMITS = {
+        "num_beams": (1, 10),
+        "max_new_tokens": (1, 100),
+        "min_new_tokens": (0, 100),
+        "length_penalty": (-5.0, 5.0),
+        "repetition_penalty": (0.5, 5.0),
+        "top_p": (0.01, 1.0),
+        "temperature": (0.05, 5.0),
+    }
+
+    def __post_init__(self):
+        for name, (low, high) in self.LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"decoding option {name}={value!r} must be a number in [{low}, {high}]")
+            if name in ("num_beams", "max_new_tokens", "min_new_tokens") and int(value) != value:
+                raise ValueError(f"decoding option {name}={value!r} must be an integer in [{low}, {high}]")
+            if not low <= value <= high:
+                raise ValueError(f"decoding option {name}={value!r} is outside [{low}, {high}]; choose a value in range")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}; lower min_new_tokens"
+            )
+
+    def with_options(self, **options) -> "Decoding":
+        """A copy with ``options`` applied (``None`` values ignored); unknown names fail and are listed."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown decoding option(s) {unknown}; valid: {sorted(known)}")
+        return replace(self, **{k: v for k, v in options.items() if v is not None})
+
+    def caption_kwargs(self) -> dict:
+        """Keyword arguments of the models' LAVIS-style ``generate``."""
+        return {
+            "num_beams": int(self.num_beams),
+            "max_length": int(self.max_new_tokens),
+            "min_length": int(self.min_new_tokens),
+            "length_penalty": float(self.length_penalty),
+            "repetition_penalty": float(self.repetition_penalty),
+            "use_nucleus_sampling": bool(self.use_nucleus_sampling),
+            "top_p": float(self.top_p),
+            "temperature": float(self.temperature),
+        }
+
+    def answer_kwargs(self) -> dict:
+        """Keyword arguments of the models' ``predict_answers`` (beam search only, as LAVIS)."""
+        return {
+            "num_beams": int(self.num_beams),
+            "max_len": int(self.max_new_tokens),
+            "min_len": int(self.min_new_tokens),
+            "length_penalty": float(self.length_penalty),
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Blip2Predictor:
+    """A loaded BLIP-2 with its eval image processor, prompts and decoding defaults.
+
+    ``encode`` runs the vision encoder once; ``caption`` / ``answer`` accept images (PIL) or those
+    cached features, so several questions about one image pay for the ViT once.
+    """
+
+    def __init__(self, model, vis_processor, config: DictConfig, source: str, device: torch.device):
+        self.model = model.eval()
+        self.vis_processor = vis_processor
+        self.config = config
+        self.source = source
+        self.device = device
+        run = config.get("run", {})
+        self.caption_prompt = model.prompt if isinstance(getattr(model, "prompt", None), str) else ""
+        self.question_prompt = _question_prompt(config)
+        self.caption_decoding = Decoding(
+            num_beams=int(run.get("num_beams", 5)),
+            max_new_tokens=int(run.get("max_len", 30)),
+            min_new_tokens=int(run.get("min_len", 1)),
+        )
+        self.answer_decoding = Decoding(
+            num_beams=int(run.get("num_beams", 5)),
+            max_new_tokens=int(run.get("max_len", 10)) if _is_vqa(config) else 10,
+            min_new_tokens=int(run.get("min_len", 1)) if _is_vqa(config) else 1,
+            length_penalty=float(run.get("length_penalty", -1.0)),
+        )
+
+    # ---- properties callers report ------------------------------------------------------------
+    @property
+    def arch(self) -> str:
+        return str(self.config.model.arch)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.model.get("image_size", 224))
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "arch": self.arch,
+            "model_type": self.config.model.get("model_type"),
+            "device": str(self.device),
+            "image_size": self.image_size,
+            "caption_prompt": self.caption_prompt,
+            "question_prompt": self.question_prompt,
+            "caption_decoding": self.caption_decoding.to_dict(),
+            "answer_decoding": self.answer_decoding.to_dict(),
+        }
+
+    # ---- the image side -------------------------------------------------------------------------
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        """PIL images (any mode) -> the normalised batch the model was trained on, on the model's device."""
+        if not images:
+            raise ValueError("no images given")
+        batch = torch.stack([self.vis_processor(image.convert("RGB")) for image in images])
+        return batch.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, images: Sequence) -> torch.Tensor:
+        """The ViT features of ``images`` (reusable by ``caption`` / ``answer`` as ``features=``)."""
+        return self.model.encode_vision(self.preprocess(images))
+
+    def _image_side(self, images, features) -> dict:
+        if features is not None:
+            return {"image_embeds": features}
+        return {"image": self.preprocess(images)}
+
+    # ---- tasks ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def caption(self, images: Sequence | None = None, prompt: str | None = None, decoding: Decoding | None = None,
+                features: torch.Tensor | None = None) -> list[str]:
+        """One caption per image (``decoding.num_beams`` beams; the training prompt unless ``prompt``)."""
+        decoding = decoding or self.caption_decoding
+        samples = self._image_side(images, features)
+        samples["prompt"] = self.caption_prompt if prompt is None else prompt
+        return self.model.generate(samples, **decoding.caption_kwargs())
+
+    @torch.no_grad()
+    def answer(self, images: Sequence | None, questions: Sequence[str], decoding: Decoding | None = None,
+               features: torch.Tensor | None = None) -> list[str]:
+        """Answer ``questions[i]`` about image ``i`` (or about the one image / feature row given, repeated)."""
+        decoding = decoding or self.answer_decoding
+        questions = [str(q) for q in questions]
+        if not questions or any(not q.strip() for q in questions):
+            raise ValueError("every question must be a non-empty string")
+        samples = self._image_side(images, features)
+        key = next(iter(samples))
+        count = samples[key].size(0)
+        if count == 1 and len(questions) > 1:
+            samples[key] = samples[key].expand(len(questions), *samples[key].shape[1:])
+        elif count != len(questions):
+            raise ValueError(f"got {count} images for {len(questions)} questions; give one image or one per question")
+        samples["text_input"] = [self.question_prompt.format(q) for q in questions]
+        samples["question"] = questions
+        return self.model.predict_answers(samples, **decoding.answer_kwargs())
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory -> its best (else latest) checkpoint."""
+    from lavis_ext.checkpoints import read_latest
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        best = path / "checkpoint_best.safetensors"
+        if best.is_file():
+            return best
+        latest = read_latest(path)
+        if latest is not None and latest.is_file():
+            return latest
+        runs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "checkpoint_best.safetensors").is_file())
+        if runs:  # an output_dir holding job folders: the newest job
+            return runs[-1] / "checkpoint_best.safetensors"
+        raise FileNotFoundError(f"{path} holds no checkpoint_best.safetensors nor a 'latest' pointer; train first or name a file")
+    raise FileNotFoundError(f"checkpoint or run directory {str(path)!r} does not exist")
+
+
+def checkpoint_config(path: str | Path) -> DictConfig:
+    """The resolved run config stored in one of our checkpoints."""
+    from lavis_ext.checkpoints import read_metadata
+
+    meta = read_metadata(path)
+    config = meta.get("config")
+    if isinstance(config, str):
+        config = json.loads(config)
+    if not config or "model" not in config:
+        raise ValueError(
+            f"{path} carries no model config in its metadata (not written by lavis_ext's runner?); "
+            "load it through a project YAML with --cfg-path and model.finetuned instead"
+        )
+    return OmegaConf.create(config)
+
+
+def project_file_config(cfg_path: str | Path, options: Iterable[str] = ()) -> DictConfig:
+    """A project YAML resolved as `train.py` does (model defaults < file < options), strictly checked."""
+    from lavis_ext.cli import load_config
+
+    cfg = load_config(argparse.Namespace(cfg_path=str(cfg_path), options=list(options) or None))
+    return cfg.config
+
+
+def load(source: str | Path | None = None, *, cfg_path: str | Path | None = None, options: Iterable[str] = (),
+         device: str | torch.device | None = None) -> Blip2Predictor:
+    """Checkpoint / run directory (``source``) or project YAML (``cfg_path`` + ``options``) -> predictor."""
+    from lavis.common.registry import registry
+
+    if (source is None) == (cfg_path is None):
+        raise ValueError("give exactly one of a checkpoint/run directory or cfg_path (a project YAML)")
+    from lavis_ext.dist import resolve_device
+
+    device = resolve_device(str(device) if device is not None else "auto")
+    checkpoint = None
+    if source is not None:
+        checkpoint = resolve_checkpoint(source)
+        config = checkpoint_config(checkpoint)
+        if options:
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(options)))
+        described = str(checkpoint)
+    else:
+        config = project_file_config(cfg_path, options)
+        described = str(cfg_path)
+    model_cfg = OmegaConf.merge(config.model, {"load_finetuned": False})
+    model_cls = registry.get_model_class(model_cfg.arch)
+    if model_cls is None:
+        raise ValueError(f"model arch {model_cfg.arch!r} is not registered; is lavis_ext imported?")
+    model = model_cls.from_config(model_cfg)
+    if checkpoint is not None:
+        from lavis_ext.checkpoints import load_trainable
+
+        load_trainable(model, checkpoint, require_all_trainable=False)
+    elif config.model.get("load_finetuned") and config.model.get("finetuned"):
+        model.load_checkpoint(config.model.finetuned)
+    model = model.to(device).eval()
+    vis_processor = _eval_processor(config)
+    logger.info("loaded %s (%s) on %s", described, model_cfg.arch, device)
+    return Blip2Predictor(model, vis_processor, config, described, device)
+
+
+def _dataset_configs(config) -> list:
+    datasets = config.get("datasets") or {}
+    return [datasets[name] for name in datasets]
+
+
+def _eval_processor(config):
+    """The eval image processor the run used (its dataset's, else `preprocess`, else BLIP's default)."""
+    from lavis.common.registry import registry
+
+    candidates = [d.get("vis_processor") for d in _dataset_configs(config)]
+    candidates.append((config.get("preprocess") or {}).get("vis_processor"))
+    for proc in candidates:
+        if proc is not None and proc.get("eval") is not None:
+            cfg = proc.eval
+            return registry.get_processor_class(cfg.name).from_config(cfg)
+    size = int(config.model.get("image_size", 224))
+    return registry.get_processor_class("blip_image_eval").from_config(OmegaConf.create({"image_size": size}))
+
+
+def _question_prompt(config) -> str:
+    """The VQA prompt the run trained or evaluated with ("{}" when none: the question alone)."""
+    for d in _dataset_configs(config):
+        if d.get("prompt"):
+            return str(d.prompt)
+    run_prompt = (config.get("run") or {}).get("prompt")
+    if run_prompt and "{}" in str(run_prompt):
+        return str(run_prompt)
+    return "Question: {} Short answer:" if "t5" in str(config.model.arch) else "Question: {} Answer:"
+
+
+def _is_vqa(config) -> bool:
+    return "vqa" in str((config.get("run") or {}).get("task", "")) or "gqa" in str((config.get("run") or {}).get("task", ""))
+
