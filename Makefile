@@ -14,7 +14,7 @@ setup: $(STAMP)
 # Re-run when the dependency list changes; torch/torchvision come from pip's configured local wheels.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,export,serve]"
 	$(PY) -m pip install -q --no-deps salesforce-lavis==1.0.2
 	touch $@
 
