@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,12 +55,27 @@ class CheckpointCorruptError(ValueError):
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by their ``state_dict`` names."""
-    return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
+    """The parameters that train, by their ``state_dict`` names; whole tensors also under FSDP (then a
+    collective that every rank must call, see :mod:`lavis_ext.runners.fsdp`)."""
+    from lavis_ext.runners.fsdp import full
+
+    return {name: full(param.detach()) for name, param in model.named_parameters() if param.requires_grad}
+
+
+def optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with whole tensors (gathered under FSDP: every rank must call it)."""
+    from lavis_ext.runners.fsdp import full
+
+    state = optimizer.state_dict()
+    return {
+        "state": {index: {key: full(value) if torch.is_tensor(value) else value for key, value in entry.items()}
+                  for index, entry in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    state = optimizer.state_dict()
+    state = optimizer if isinstance(optimizer, Mapping) else optimizer_state(optimizer)
     tensors = {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
@@ -161,7 +177,7 @@ def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
 # ---- write ---------------------------------------------------------------------------------------
 def save_checkpoint(
     path: str | os.PathLike,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     *,
     config: dict | None = None,
     optimizer=None,
@@ -175,6 +191,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (temporary file, then rename). Returns the path.
 
+    ``model``: the model, or its :func:`trainable_state` already taken; ``optimizer``: the optimizer, or
+    its :func:`optimizer_state` (FSDP gathers both on every rank before rank 0 writes).
+
     ``rank_states``: one ``{"rng": capture_rng_state(), "position": {...}, "loop": {...}}`` per rank, in
     rank order (``loop``: that rank's loop counters, e.g. its epoch loss sum).
     ``before_replace(tmp_path)``: called when the temporary file is written, before the rename (fault
@@ -183,7 +202,8 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {MODEL_PREFIX + k: v for k, v in trainable_state(model).items()}
+    model_tensors = model if isinstance(model, Mapping) else trainable_state(model)
+    tensors = {MODEL_PREFIX + k: v for k, v in model_tensors.items()}
     metadata: dict[str, str] = {"format": FORMAT, "config": json.dumps(config or {})}
     if optimizer is not None:
         optim_tensors, groups = _optimizer_tensors(optimizer)
@@ -320,7 +340,11 @@ def _model_state(tensors):
 
 def apply_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], path="checkpoint", require_all_trainable: bool = True) -> int:
     """Load a read checkpoint's model tensors (see :func:`load_trainable`). Returns how many."""
+    from lavis_ext.runners.fsdp import is_sharded, local_part
+
     state = _model_state(tensors)
+    params = dict(model.named_parameters())
+    state = {k: local_part(v, params[k]) if k in params and is_sharded(params[k]) else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(
@@ -379,9 +403,24 @@ def apply_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict, pat
         if key.startswith(OPTIM_PREFIX):
             index, name = key[len(OPTIM_PREFIX):].split(".", 1)
             state.setdefault(int(index), {})[name] = tensor
+    _shard_like_params(optimizer, state)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
+
+
+def _shard_like_params(optimizer, state: dict[int, dict]) -> None:
+    """Under FSDP, keep this rank's shard of each whole per-parameter state tensor (moments)."""
+    from lavis_ext.runners.fsdp import is_sharded, local_part
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state.items():
+        param = params[index] if index < len(params) else None
+        if param is None or not is_sharded(param):
+            continue
+        for name, tensor in entry.items():
+            if tensor.shape == param.shape:
+                entry[name] = local_part(tensor, param)
 
 
 def restore_optimizer(optimizer, path: str | os.PathLike, scaler=None) -> dict:

@@ -98,6 +98,9 @@ class Blip2GenerationMixin:
             llm_inputs, llm_atts = self.encode_image_for_llm(
                 samples.get("image"), qformer_text, image_embeds=samples.get("image_embeds")
             )
+        if getattr(self, "fsdp_sharded", False):
+            # ranks whose sequences end early keep joining the others' all-gathers (lavis_ext.runners.fsdp)
+            generate_kwargs.setdefault("synced_gpus", torch.distributed.get_world_size() > 1)
         return self.generate_from_llm_inputs(llm_inputs, llm_atts, prompts, **generate_kwargs)
 
     def _postprocess_answers(self, answers):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from lavis.common.dist_utils import get_rank, get_world_size, is_main_process, main_process
+from lavis.common.dist_utils import get_rank, get_world_size, is_main_process
 from lavis.common.registry import registry
 from lavis.datasets.datasets.dataloader_utils import MultiIterLoader
 from lavis.runners.runner_base import RunnerBase
@@ -44,6 +44,7 @@ from lavis_ext.checkpoints import (
     capture_rng_state,
     first_valid,
     load_trainable,
+    optimizer_state,
     rank_rng_state,
     read_checkpoint,
     read_metadata,
@@ -51,9 +52,11 @@ from lavis_ext.checkpoints import (
     restore_scheduler,
     resume_candidates,
     save_checkpoint,
+    trainable_state,
     write_latest,
 )
 from lavis_ext.models.strategies import format_parameter_report
+from lavis_ext.runners import fsdp
 from lavis_ext.runners.loaders import EpochStreamLoader
 
 from lavis_ext.runners.tracking import RunTracker
@@ -105,12 +108,24 @@ class RunnerBaseExt(RunnerBase):
         if self._wrapped_model is None:
             if self._model.device != self.device:
                 self._model = self._model.to(self.device)
-            if self.use_distributed:
+            if self.use_distributed and fsdp.enabled(self.config.run_cfg):
+                self._wrapped_model = fsdp.shard(self._model, self.config.run_cfg, self.device)
+            elif self.use_distributed:
                 device_ids = [self.device.index] if self.device.type == "cuda" else None
                 self._wrapped_model = DDP(self._model, device_ids=device_ids)
             else:
+                if fsdp.enabled(self.config.run_cfg):
+                    logger.info("run.fsdp with one process: nothing to shard, the model trains as it is")
                 self._wrapped_model = self._model
         return self._wrapped_model
+
+    def unwrap_dist_model(self, model):
+        """DDP wraps the model (``.module``); FSDP shards it in place (LAVIS assumes ``.module``)."""
+        return model.module if isinstance(model, DDP) else model
+
+    @property
+    def _sharded(self) -> bool:
+        return getattr(self.unwrap_dist_model(self.model), "fsdp_sharded", False)
 
     @property
     def optimizer(self):
@@ -275,29 +290,29 @@ class RunnerBaseExt(RunnerBase):
     def checkpoint_path(self, tag) -> Path:
         return Path(self.output_dir) / f"checkpoint_{tag}.safetensors"
 
-    @main_process
     def _save_checkpoint(self, cur_epoch, is_best=False):
         """Trainable tensors, optimizer and scaler state as safetensors, written atomically
         (:mod:`lavis_ext.checkpoints`); LAVIS pickles the lot with ``torch.save`` in place. The epoch
-        and step checkpoints that runs resume from are written by :meth:`save_state` (all ranks)."""
+        and step checkpoints that runs resume from are written by :meth:`save_state` (all ranks).
+        Called by rank 0, or by every rank under FSDP (the shards are gathered collectively)."""
         path = self.checkpoint_path("best" if is_best else cur_epoch)
-        self._write_checkpoint(
+        written = self._write_checkpoint(
             path,
             epoch=cur_epoch,
             extra={"best_agg_metric": self.best_agg_metric, "best_epoch": self.best_epoch} if is_best else None,
         )
-        logger.info("saved checkpoint of epoch %s to %s", cur_epoch, path)
+        if written is not None:
+            logger.info("saved checkpoint of epoch %s to %s", cur_epoch, path)
 
     def _write_checkpoint(self, path, **state):
-        """This run's model, config, optimizer and scaler, plus ``state``, into one checkpoint file."""
-        return save_checkpoint(
-            path,
-            self.unwrap_dist_model(self.model),
-            config=self.config.to_dict(),
-            optimizer=self.optimizer,
-            scaler=self.scaler,
-            **state,
-        )
+        """This run's model, config, optimizer and scaler, plus ``state``, into one checkpoint file.
+        Rank 0 writes and returns the path; under FSDP every rank first gathers the whole tensors."""
+        model, optimizer = self.unwrap_dist_model(self.model), self.optimizer
+        if self._sharded:
+            model, optimizer = trainable_state(model), optimizer_state(optimizer)  # collectives
+        if not is_main_process():
+            return None
+        return save_checkpoint(path, model, config=self.config.to_dict(), optimizer=optimizer, scaler=self.scaler, **state)
 
     def _train_loader_position(self):
         loader = self.train_loader
@@ -308,8 +323,6 @@ class RunnerBaseExt(RunnerBase):
         done). Called on every rank: each contributes its RNG states and data position; rank 0 writes."""
         per_rank = {"rng": capture_rng_state(), "position": self._train_loader_position(), "loop": loop_state}
         gathered = ext_dist.all_gather_object(per_rank)
-        if not is_main_process():
-            return None
         global_step = epoch * iters_per_epoch + step
         epoch_done = step >= iters_per_epoch
         path = self.checkpoint_path(epoch if epoch_done else f"step{global_step}")
@@ -319,7 +332,7 @@ class RunnerBaseExt(RunnerBase):
             "best_agg_metric": self.best_agg_metric, "best_epoch": self.best_epoch,
             **(loop_state or {}),
         }
-        self._write_checkpoint(
+        written = self._write_checkpoint(
             path,
             epoch=epoch if epoch_done else epoch - 1,  # LAVIS's meaning: the last completed epoch
             lr_scheduler=self.lr_scheduler,
@@ -327,6 +340,8 @@ class RunnerBaseExt(RunnerBase):
             rank_states=gathered,
             before_replace=lambda tmp: ext_dist.maybe_inject_fault("save", global_step, self.output_dir, tmp),
         )
+        if written is None:  # not rank 0
+            return None
         write_latest(self.output_dir, path.name)
         self._prune_step_checkpoints(keep=path)
         logger.info("saved full state at epoch %d step %d/%d (global step %d) to %s",
@@ -474,12 +489,18 @@ class RunnerBaseExt(RunnerBase):
         for split_name in self.valid_splits:
             logger.info("Evaluating on %s.", split_name)
             val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+            improved = False
             if val_log is not None and is_main_process():
                 assert "agg_metrics" in val_log, "No agg_metrics found in validation log."
                 agg_metrics = val_log["agg_metrics"]
                 if agg_metrics > self.best_agg_metric and split_name == "val":
                     self.best_epoch, self.best_agg_metric = cur_epoch, agg_metrics
-                    self._save_checkpoint(cur_epoch, is_best=True)
+                    improved = True
+            if self._sharded:  # every rank takes part in gathering the shards of the best model
+                improved = ext_dist.broadcast_object(improved)
+            if improved:
+                self._save_checkpoint(cur_epoch, is_best=True)
+            if val_log is not None and is_main_process():
                 val_log.update({"best_epoch": self.best_epoch})
                 self.log_stats(val_log, split_name)
 

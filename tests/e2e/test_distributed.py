@@ -1,4 +1,4 @@
-"""Distributed training: a peer that never arrives, DDP equal to one process, two nodes on loopback.
+"""Distributed training: a peer that never arrives, DDP and FSDP equal to one process, two nodes on loopback.
 
 The equality tests line up what DDP averages with what one process computes: 1 process x batch 10
 against 2 processes x batch 5, where each rank's batch is exactly half of the single process's batch
@@ -69,11 +69,11 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a if not k.endswith(KEY_BIASES))
 
 
-def launch(root: Path, out: Path, launcher: list[str], batch: int) -> subprocess.Popen:
+def launch(root: Path, out: Path, launcher: list[str], batch: int, extra: tuple = ()) -> subprocess.Popen:
     env = {**os.environ, "LAVIS_EXT_DATA": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(REPO / "train.py"), "--cfg-path", PROJECT,
            "--options", *ALIGNED, f"run.batch_size_train={batch}", f"run.output_dir={out}",
-           f"datasets.wds_caption.build_info.root={root}"]
+           f"datasets.wds_caption.build_info.root={root}", *extra]
     return subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -121,3 +121,27 @@ def test_two_nodes_on_loopback_train_together(synthetic_root, tmp_path, single_p
         finish(proc)
     run_dir = only_run(out)  # one job id, broadcast from rank 0: both nodes wrote into one folder
     assert max_difference(weights(run_dir), single_process_weights) < 1e-6
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_equals_one_process_and_resumes(synthetic_root, tmp_path, single_process_weights):
+    """run.fsdp shards every block over 2 ranks: same weights as one process; its checkpoint holds whole
+    tensors; a sharded run resumed mid-epoch from its step checkpoint ends bitwise where an uninterrupted one does."""
+    out = tmp_path / "fsdp"
+    out.mkdir()
+    finish(launch(synthetic_root, out, ["--standalone", "--nproc_per_node=2"], batch=5, extra=("run.fsdp=true",)))
+    run_dir = only_run(out)
+    sharded = weights(run_dir)
+    assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in single_process_weights.items()}
+    assert max_difference(sharded, single_process_weights) < 1e-6
+
+    two_epochs = ("run.fsdp=true", "run.max_epoch=2", "run.save_every_steps=5")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    finish(launch(synthetic_root, straight, ["--standalone", "--nproc_per_node=2"], batch=5, extra=two_epochs))
+    mid_epoch = only_run(straight) / "checkpoint_step15.safetensors"  # step 5 of epoch 1
+    finish(launch(synthetic_root, resumed, ["--standalone", "--nproc_per_node=2"], batch=5,
+                  extra=(*two_epochs, f"run.resume_ckpt_path={mid_epoch}")))
+    final = [read_checkpoint(only_run(d) / "checkpoint_1.safetensors")[0] for d in (straight, resumed)]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
