@@ -31,6 +31,7 @@ PER_LLM = (
     "caption_coco_ft", "caption_coco_ft_lora", "vqav2_ft", "vqav2_ft_lora", "eval_vqav2_zeroshot",
     "eval_okvqa_zeroshot", "eval_gqa_zeroshot", "eval_nocaps_zeroshot", "eval_coco_caption", "pretrain_stage2",
 )
+RETRIEVAL = ("retrieval/coco_ft.yaml", "retrieval/eval_coco.yaml", "retrieval/eval_flickr30k_zeroshot.yaml")  # Table 5
 
 #: (total, trainable) parameters of each recipe's model, built on meta (see docs/recipes.md). The paper:
 #: ViT-g OPT-2.7B 107M / 3.8B, OPT-6.7B 108M / 7.8B, FlanT5-XL 107M / 4.1B, FlanT5-XXL 108M / 12.1B
@@ -77,6 +78,10 @@ PINNED = {
     "opt6.7b/vqav2_ft.yaml": (7_834_569_472, 1_176_095_488),
     "opt6.7b/vqav2_ft_lora.yaml": (7_851_346_688, 1_192_872_704),
     "pretrain_stage1.yaml": (1_172_599_998, 186_705_470),
+    # stage-1 ViT-g Q-Former at image 364 with the ViT trained: the paper's 1.2B (Table 5)
+    "retrieval/coco_ft.yaml": (1_173_191_358, 1_173_191_358),
+    "retrieval/eval_coco.yaml": (1_173_191_358, 1_173_191_358),
+    "retrieval/eval_flickr30k_zeroshot.yaml": (1_173_191_358, 1_173_191_358),
 }
 
 
@@ -101,7 +106,7 @@ def counts_of(rel: str) -> dict:
 
 # ---- layout ------------------------------------------------------------------------------------
 def test_every_llm_has_every_recipe():
-    expected = {f"{llm}/{r}.yaml" for llm in LLMS for r in PER_LLM} | {"pretrain_stage1.yaml"}
+    expected = {f"{llm}/{r}.yaml" for llm in LLMS for r in PER_LLM} | {"pretrain_stage1.yaml", *RETRIEVAL}
     assert set(RECIPE_FILES) == expected
     assert set(PINNED) == expected
 
@@ -227,8 +232,11 @@ def fake_data(tmp_path_factory, synthetic_root) -> dict:
         "images": [{"id": 0, "file_name": "x.jpg", "domain": "in-domain"}],
         "annotations": [{"image_id": 0, "id": 0, "caption": "a red box"}, {"image_id": 0, "id": 1, "caption": "red"}],
     })
+    flickr = root / "flickr30k"
+    image(flickr / "flickr30k-images/1.jpg")
+    dump(flickr / "annotations/flickr30k_test.json", [{"image": "flickr30k-images/1.jpg", "caption": ["a red box", "red"]}])
     return {
-        "COCO_ROOT": coco, "VQA_ROOT": vqa, "OKVQA_ROOT": okvqa, "GQA_ROOT": gqa, "NOCAPS_ROOT": nocaps,
+        "FLICKR_ROOT": flickr, "COCO_ROOT": coco, "VQA_ROOT": vqa, "OKVQA_ROOT": okvqa, "GQA_ROOT": gqa, "NOCAPS_ROOT": nocaps,
         "PRETRAIN_SHARDS": synthetic_root,
     }
 
