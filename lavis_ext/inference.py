@@ -282,6 +282,23 @@ def load(source: str | Path | None = None, *, cfg_path: str | Path | None = None
     return Blip2Predictor(model, vis_processor, config, described, device)
 
 
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` | ``--cfg-path`` (+ ``--options``) and ``--device``: the model source of every command
+    that loads a trained model (serve, gradio, video, ask)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint .safetensors or a run directory (its best, else latest)")
+    source.add_argument("--cfg-path", help="a project YAML (e.g. with model.finetuned set) instead of a checkpoint")
+    parser.add_argument("--options", nargs="+", default=[], help="config overrides, e.g. run.num_beams=3")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+
+
+def load_from_args(args: argparse.Namespace) -> Blip2Predictor:
+    """:func:`load` from the arguments :func:`add_source_arguments` defined."""
+    if args.checkpoint:
+        return load(args.checkpoint, options=args.options, device=args.device)
+    return load(cfg_path=args.cfg_path, options=args.options, device=args.device)
+
+
 def _dataset_configs(config) -> list:
     datasets = config.get("datasets") or {}
     return [datasets[name] for name in datasets]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from lavis_ext import inference
+
 PACK_DIR = Path(__file__).resolve().parents[1] / "configs" / "question_packs"
 PACK_KEYS = {"name", "description", "notice", "questions"}
 QUESTION_KEYS = {"id", "question"}
@@ -161,11 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lavis-ext ask", description="Ask a question pack of one image (the vision encoder runs once)."
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint file or a run directory")
-    source.add_argument("--cfg-path", help="a project YAML (with --options) instead of a checkpoint")
-    parser.add_argument("--options", nargs="+", default=[], help="config overrides, e.g. model.finetuned=FILE")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    inference.add_source_arguments(parser)
     parser.add_argument("--pack", required=True, help=f"a shipped pack ({', '.join(shipped_packs())}) or a pack file")
     parser.add_argument("--num-beams", type=int, default=None, help="beam count (default: the run's)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the run's)")
@@ -184,11 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if pack.notice:  # before loading the model, so it is seen even if loading fails
         print(notice_banner(pack.notice), file=sys.stderr)
-    from lavis_ext.inference import load
-
-    predictor = load(args.checkpoint, device=args.device, options=args.options) if args.checkpoint else load(
-        cfg_path=args.cfg_path, options=args.options, device=args.device
-    )
+    predictor = inference.load_from_args(args)
     try:
         decoding = predictor.answer_decoding.with_options(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     except ValueError as exc:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lavis_ext import inference
+
 SCENE_SIZE = (32, 32)  # downscale before differencing: ignores noise and compression artefacts, and is fast
 
 
@@ -178,11 +180,7 @@ def to_srt(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lavis-ext video", description="Timestamped captions of a video (JSON, SRT).")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint file or a run directory")
-    source.add_argument("--cfg-path", help="a project YAML (with --options) instead of a checkpoint")
-    parser.add_argument("--options", nargs="+", default=[], help="config overrides")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    inference.add_source_arguments(parser)
     parser.add_argument("video", help="the video file (anything OpenCV decodes: mp4, avi, mkv, ...)")
     parser.add_argument("--every-seconds", type=float, default=None, help="caption a frame every N seconds (the default, N=2, when no rule is given)")
     parser.add_argument("--every-frames", type=int, default=None, help="caption every N-th frame")
@@ -205,11 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from lavis_ext.inference import load
-
-    predictor = load(args.checkpoint, device=args.device, options=args.options) if args.checkpoint else load(
-        cfg_path=args.cfg_path, options=args.options, device=args.device
-    )
+    predictor = inference.load_from_args(args)
     try:
         decoding = predictor.caption_decoding.with_options(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         result = caption_video(predictor, args.video, sampling, batch_size=args.batch_size, decoding=decoding)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from lavis_ext import inference
 from lavis_ext.inference import Decoding
 from lavis_ext.serve.uploads import UploadError, UploadLimits, validate_image_bytes
 
@@ -109,11 +110,7 @@ def build_demo(predictor, limits: UploadLimits | None = None) -> gr.Blocks:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lavis-ext gradio", description="A local Gradio page for a trained BLIP-2.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint file or a run directory")
-    source.add_argument("--cfg-path", help="a project YAML (with --options) instead of a checkpoint")
-    parser.add_argument("--options", nargs="+", default=[], help="config overrides, e.g. model.finetuned=FILE")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    inference.add_source_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", default=False,
@@ -130,11 +127,7 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lavis_ext.inference import load
-
-    predictor = load(args.checkpoint, device=args.device, options=args.options) if args.checkpoint else load(
-        cfg_path=args.cfg_path, options=args.options, device=args.device
-    )
+    predictor = inference.load_from_args(args)
     if not _is_loopback(args.host):
         print(f"note: listening on {args.host}: the page is reachable from other machines", file=sys.stderr)
     limits = UploadLimits()

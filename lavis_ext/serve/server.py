@@ -346,12 +346,10 @@ def _version() -> str:
 
 # ---- command line ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from lavis_ext import inference
+
     parser = argparse.ArgumentParser(prog="lavis-ext serve", description="Serve a BLIP-2 checkpoint over HTTP.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint .safetensors or a run directory (best, else latest)")
-    source.add_argument("--cfg-path", help="a project YAML (e.g. with model.finetuned set)")
-    parser.add_argument("--options", nargs="+", default=[], help="config overrides, e.g. run.num_beams=3")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    inference.add_source_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     parser.add_argument("--api-key-env", metavar="VAR", help="require the API key held in environment variable VAR")
@@ -406,10 +404,7 @@ def build_server(argv: list[str] | None = None):
         if args.threads < 1:
             raise SystemExit(f"--threads {args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
-    if args.checkpoint:
-        predictor = inference.load(args.checkpoint, options=args.options, device=args.device)
-    else:
-        predictor = inference.load(cfg_path=args.cfg_path, options=args.options, device=args.device)
+    predictor = inference.load_from_args(args)
     app = create_app(predictor, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10)
