@@ -232,6 +232,28 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     Temperature = Annotated[float | None, Form(description=_doc("temperature"))]
     Prompt = Annotated[str | None, Form(description="text the caption continues; default: the training prompt")]
 
+    # One dependency per task turns the form fields into a checked Decoding (422 naming a bad value).
+    def caption_decoding(
+        num_beams: NumBeams = None, max_new_tokens: MaxNew = None, min_new_tokens: MinNew = None,
+        length_penalty: LengthPenalty = None, repetition_penalty: RepPenalty = None,
+        use_nucleus_sampling: Nucleus = None, top_p: TopP = None, temperature: Temperature = None,
+    ) -> Decoding:
+        return decoding_for(
+            predictor.caption_decoding, num_beams=num_beams, max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+            use_nucleus_sampling=use_nucleus_sampling, top_p=top_p, temperature=temperature,
+        )
+
+    def answer_decoding(
+        num_beams: NumBeams = None, max_new_tokens: MaxNew = None, min_new_tokens: MinNew = None,
+        length_penalty: LengthPenalty = None,
+    ) -> Decoding:
+        return decoding_for(predictor.answer_decoding, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, length_penalty=length_penalty)
+
+    CaptionDecoding = Annotated[Decoding, Depends(caption_decoding)]
+    AnswerDecoding = Annotated[Decoding, Depends(answer_decoding)]
+
     # ---- endpoints -------------------------------------------------------------------------------
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -262,16 +284,9 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/v1/caption", tags=["caption"], dependencies=secured)
     async def caption(
         image: Annotated[UploadFile, File(description="the image (JPEG, PNG, WEBP, GIF, BMP, TIFF)")],
-        prompt: Prompt = None, num_beams: NumBeams = None, max_new_tokens: MaxNew = None,
-        min_new_tokens: MinNew = None, length_penalty: LengthPenalty = None, repetition_penalty: RepPenalty = None,
-        use_nucleus_sampling: Nucleus = None, top_p: TopP = None, temperature: Temperature = None,
+        decoding: CaptionDecoding, prompt: Prompt = None,
     ):
         """Caption one image."""
-        decoding = decoding_for(
-            predictor.caption_decoding, num_beams=num_beams, max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
-            use_nucleus_sampling=use_nucleus_sampling, top_p=top_p, temperature=temperature,
-        )
         prompt = clean_text("prompt", prompt, required=False)
         images = await read_images([image])
         (text,) = await run("caption", images, [prompt], decoding)
@@ -280,16 +295,9 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/v1/batch/caption", tags=["caption"], dependencies=secured)
     async def batch_caption(
         images: Annotated[list[UploadFile], File(description="several images (repeat the field)")],
-        prompt: Prompt = None, num_beams: NumBeams = None, max_new_tokens: MaxNew = None,
-        min_new_tokens: MinNew = None, length_penalty: LengthPenalty = None, repetition_penalty: RepPenalty = None,
-        use_nucleus_sampling: Nucleus = None, top_p: TopP = None, temperature: Temperature = None,
+        decoding: CaptionDecoding, prompt: Prompt = None,
     ):
         """Caption several images; captions come back in upload order."""
-        decoding = decoding_for(
-            predictor.caption_decoding, num_beams=num_beams, max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
-            use_nucleus_sampling=use_nucleus_sampling, top_p=top_p, temperature=temperature,
-        )
         prompt = clean_text("prompt", prompt, required=False)
         pil_images = await read_images(images)
         texts = await run("caption", pil_images, [prompt] * len(pil_images), decoding)
@@ -299,12 +307,9 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     async def vqa(
         image: Annotated[UploadFile, File(description="the image")],
         question: Annotated[str, Form(description="a question about the image")],
-        num_beams: NumBeams = None, max_new_tokens: MaxNew = None, min_new_tokens: MinNew = None,
-        length_penalty: LengthPenalty = None,
+        decoding: AnswerDecoding,
     ):
         """Answer one question about one image."""
-        decoding = decoding_for(predictor.answer_decoding, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, length_penalty=length_penalty)
         question = clean_text("question", question, required=True)
         images = await read_images([image])
         (answer,) = await run("vqa", images, [question], decoding)
@@ -314,12 +319,9 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     async def batch_vqa(
         images: Annotated[list[UploadFile], File(description="one image per question, or one image for all")],
         questions: Annotated[list[str], Form(description="questions (repeat the field)")],
-        num_beams: NumBeams = None, max_new_tokens: MaxNew = None, min_new_tokens: MinNew = None,
-        length_penalty: LengthPenalty = None,
+        decoding: AnswerDecoding,
     ):
         """Answer ``questions[i]`` about ``images[i]``, or every question about a single image."""
-        decoding = decoding_for(predictor.answer_decoding, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, length_penalty=length_penalty)
         if not questions or len(questions) > settings.max_questions:
             raise ApiError(422, "invalid_request", f"send 1 to {settings.max_questions} questions, got {len(questions)}")
         questions = [clean_text(f"questions[{i}]", q, required=True) for i, q in enumerate(questions)]
