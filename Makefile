@@ -1,5 +1,6 @@
 # make demo : set up the venv, build the synthetic dataset, train a tiny BLIP-2 OPT, evaluate, print metrics
 # make test : set up the venv, run the default test suite (offline, CPU, < 10 min)
+# make bench: run every bench/*.py (quick sizes, < 20 min on 2 cores), print a table, regenerate BENCHMARKS.md
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,14 +8,14 @@ STAMP  := $(VENV)/.lavis-ext-installed
 DATA   ?= data/synthetic
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup browser demo test test-slow data clean
+.PHONY: setup browser demo test test-slow data bench clean
 
 setup: $(STAMP)
 
 # Re-run when the dependency list changes; torch/torchvision come from pip's configured local wheels.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,export,serve]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,export,serve,video]"
 	$(PY) -m pip install -q --no-deps salesforce-lavis==1.0.2
 	touch $@
 
@@ -38,6 +39,9 @@ test: setup browser
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+bench: data
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(DATA)

@@ -6,21 +6,20 @@ fsyncs, renames, and on load verifies the sha256 (LAVIS: `torch.save` in place, 
 Sizes: the tiny BLIP-2 OPT of `projects/tiny` (0.44 M parameters, all trainable) and a 25 M-parameter
 stand-in for a trained Q-Former-sized part (Linear stack). Median of N runs, page cache warm.
 
-Usage: python bench/checkpoint_io.py [--runs 5] [--mparams 25]
+Usage: python bench/checkpoint_io.py [--quick] [--runs 5] [--json OUT] [--mparams 25]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from common import add_common_args, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
 
 
 def tiny_blip2():
@@ -34,12 +33,16 @@ def tiny_blip2():
 
 
 def stack(mparams: float):
+    import torch
+
     width = 1024
     layers = max(1, int(mparams * 1e6 / (width * width + width)))
     return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
 
 
 def stepped(model):
+    import torch
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for p in model.parameters():
         if p.requires_grad:
@@ -49,6 +52,8 @@ def stepped(model):
 
 
 def lavis_save(path, model, optimizer, config):
+    import torch
+
     # LAVIS 1.0.2 RunnerBase._save_checkpoint, minus the logging
     grad = {k: v.requires_grad for k, v in model.named_parameters()}
     state = {k: v for k, v in model.state_dict().items() if grad.get(k, True)}
@@ -56,6 +61,8 @@ def lavis_save(path, model, optimizer, config):
 
 
 def lavis_load(path, model, optimizer):
+    import torch
+
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(checkpoint["model"], strict=False)
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -86,14 +93,14 @@ def timed(fn, runs):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), runs=5, quick_runs=3)
     parser.add_argument("--mparams", type=float, default=25.0)
     args = parser.parse_args(argv)
+    runs = resolve_runs(args)
     import lavis_ext  # noqa: F401
 
     models = {}
@@ -104,18 +111,26 @@ def main(argv=None):
         print("(no data/synthetic tokenizers: skipping the tiny BLIP-2; run make data)")
     models[f"{args.mparams:g} M-param stack"] = stack(args.mparams)
     config = {"run": {"note": "same config in both"}}
-    print(f"{'model':<22} {'file MB (ours/LAVIS)':>22} {'save s ours':>12} {'save s LAVIS':>13} {'load s ours':>12} {'load s LAVIS':>13}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models.items():
             optimizer = stepped(model)
             ours, theirs = Path(tmp) / "c.safetensors", Path(tmp) / "c.pth"
-            s_ours = timed(lambda: ours_save(ours, model, optimizer, config), args.runs)
-            s_lavis = timed(lambda: lavis_save(theirs, model, optimizer, config), args.runs)
-            l_ours = timed(lambda: ours_load(ours, model, optimizer), args.runs)
-            l_lavis = timed(lambda: lavis_load(theirs, model, optimizer), args.runs)
-            sizes = f"{ours.stat().st_size / 1e6:.1f}/{theirs.stat().st_size / 1e6:.1f}"
-            print(f"{name:<22} {sizes:>22} {s_ours:>12.3f} {s_lavis:>13.3f} {l_ours:>12.3f} {l_lavis:>13.3f}")
+            s_ours = timed(lambda: ours_save(ours, model, optimizer, config), runs)
+            s_lavis = timed(lambda: lavis_save(theirs, model, optimizer, config), runs)
+            l_ours = timed(lambda: ours_load(ours, model, optimizer), runs)
+            l_lavis = timed(lambda: lavis_load(theirs, model, optimizer), runs)
+            size = f"{ours.stat().st_size / 1e6:.1f} MB ours / {theirs.stat().st_size / 1e6:.1f} MB LAVIS"
+            rows.append(row(f"checkpoint save, {name} ({size})", "s", stat("full-state safetensors", s_ours),
+                            stat("LAVIS torch.save", s_lavis), higher_is_better=False,
+                            note="ours also writes scheduler, RNG and data position, sha256, fsync, atomic rename"))
+            rows.append(row(f"checkpoint load, {name}", "s", stat("read + sha256 check", l_ours),
+                            stat("LAVIS torch.load", l_lavis), higher_is_better=False,
+                            note="ours verifies the sha256 of the whole file before applying it"))
+    print_rows(rows)
+    write_json(args.json, "checkpoint_io", rows, argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

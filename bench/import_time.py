@@ -2,7 +2,7 @@
 
 Stock `import lavis` fails on this stack (moved transformers helpers), so the peer applies only that
 one shim and then imports LAVIS. Prints median/min/max of N runs and the difference.
-Usage: python bench/import_time.py [--runs 5]
+Usage: python bench/import_time.py [--quick] [--runs 5] [--json OUT]
 """
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import argparse
 import statistics
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
 
 PEER = (
     "import time; t = time.perf_counter()\n"
@@ -30,20 +34,26 @@ def measure(code: str, runs: int) -> list[float]:
     return times
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5)
+def main(argv=None) -> int:
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__), runs=5, quick_runs=2)
     args = parser.parse_args(argv)
+    runs = resolve_runs(args)
     measure(OURS, 1)  # warm the file cache for both
     results = {}
     for name, code in (("import lavis (+ transformers shim)", PEER), ("import lavis_ext", OURS)):
-        t = measure(code, args.runs)
-        results[name] = (statistics.median(t), min(t), max(t))
-        print(f"{name:40s} median {results[name][0]:.2f} s (min {results[name][1]:.2f}, max {results[name][2]:.2f})")
-    (peer, ours) = (v[0] for v in results.values())
-    print(f"{'lavis_ext extra cost':40s} {ours - peer:+.2f} s (ratio {ours / peer:.2f}x)")
-    return results
+        t = measure(code, runs)
+        results[name] = t
+        print(f"{name:40s} median {statistics.median(t):.2f} s (min {min(t):.2f}, max {max(t):.2f})")
+    peer, ours = (stat(name, t) for name, t in results.items())
+    extra = ours["median"] - peer["median"]
+    print(f"{'lavis_ext extra cost':40s} {extra:+.2f} s (ratio {ours['median'] / peer['median']:.2f}x)")
+    rows = [row("import cost, fresh interpreter", "s", ours, peer, higher_is_better=False,
+                note=f"lavis_ext adds {extra:+.2f} s over importing LAVIS itself; target <= +1 s: "
+                     f"{'met' if extra <= 1.0 else 'NOT met'} (registration imports LAVIS, which is most of the cost)")]
+    print_rows(rows)
+    write_json(args.json, "import_time", rows, argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,7 +6,8 @@ batch and seed: build the BLIP-2 OPT, run warm-up steps, then time ``--steps`` t
 built, i.e. what the model, its gradients, optimizer state and activations add. On a CUDA machine
 (``--device cuda``) it reports ``torch.cuda.max_memory_allocated`` instead.
 
-Usage: python bench/strategies.py [--size tiny|small] [--steps 20] [--batch 16] [--device cpu]
+Usage: python bench/strategies.py [--quick] [--json OUT] [--size tiny|small] [--steps 20] [--batch 16] [--device cpu]
+(--quick: 1 warm-up and 5 timed steps per strategy; each strategy's figure is the median of its steps.)
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, print_rows, row, write_json  # noqa: E402
 
 STRATEGIES = {
     "full": {"freeze_vit": False, "freeze_llm": False},
@@ -63,7 +68,7 @@ def step():
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-for _ in range(3):
+for _ in range(args.get("warmup", 3)):
     step()
 times = []
 for _ in range(args["steps"]):
@@ -80,8 +85,9 @@ print(json.dumps({"step_s": statistics.median(times), "min_s": min(times), "max_
 """
 
 
-def run(strategy: dict, size: dict, steps: int, batch: int, device: str) -> dict:
-    payload = json.dumps({"strategy": strategy, "size": size, "steps": steps, "batch": batch, "device": device})
+def run(strategy: dict, size: dict, steps: int, batch: int, device: str, warmup: int = 3) -> dict:
+    payload = json.dumps({"strategy": strategy, "size": size, "steps": steps, "batch": batch, "device": device,
+                          "warmup": warmup})
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, payload], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -89,13 +95,15 @@ def run(strategy: dict, size: dict, steps: int, batch: int, device: str) -> dict
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per strategy (default 20, 5 with --quick)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    results = {name: run(s, SIZES[args.size], args.steps, args.batch, args.device) for name, s in STRATEGIES.items()}
+    steps = args.steps or (5 if args.quick else 20)
+    warmup = 1 if args.quick else 3
+    results = {name: run(s, SIZES[args.size], steps, args.batch, args.device, warmup) for name, s in STRATEGIES.items()}
     full = results["full"]
     unit = "peak RSS added" if args.device == "cpu" else "peak CUDA memory"
     print(f"| strategy | trainable / total | step (median, min-max) | x full | {unit} | x full |")
@@ -106,6 +114,21 @@ def main(argv=None) -> int:
             f"({r['min_s'] * 1000:.0f}-{r['max_s'] * 1000:.0f}) | {r['step_s'] / full['step_s']:.2f} | "
             f"{r['memory_mib']:.0f} MiB | {r['memory_mib'] / full['memory_mib']:.2f} |"
         )
+    size = f"BLIP-2 OPT {args.size}, batch {args.batch}, {args.device}"
+    step = {n: {"label": n, "median": r["step_s"] * 1000, "min": r["min_s"] * 1000, "max": r["max_s"] * 1000}
+            for n, r in results.items()}
+    rows = []
+    for name, r in results.items():
+        if name == "full":
+            continue
+        rows.append(row(f"strategy {name} ({size}): step time vs full fine-tuning", "ms", step[name], step["full"],
+                        higher_is_better=False, note=f"trainable {r['trainable']:,} / {r['total']:,} parameters"))
+        mem = {"label": name, "median": r["memory_mib"], "min": r["memory_mib"], "max": r["memory_mib"]}
+        mem_full = {"label": "full", "median": full["memory_mib"], "min": full["memory_mib"], "max": full["memory_mib"]}
+        rows.append(row(f"strategy {name} ({size}): {unit} vs full fine-tuning", "MiB", mem, mem_full,
+                        higher_is_better=False, note="one peak per fresh process"))
+    print_rows(rows)
+    write_json(args.json, "strategies", rows, argv)
     return 0
 
 

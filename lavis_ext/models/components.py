@@ -274,6 +274,12 @@ class Blip2ComponentsMixin:
         return module
 
 
+# OPT attends through torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on a GPU),
+# said explicitly so a transformers default change cannot silently fall back to eager. Hugging Face's T5 has no
+# SDPA path (its relative position bias), so T5 keeps transformers' default.
+OPT_ATTENTION = "sdpa"
+
+
 def build_llm(kind: str, source: str | None, tokenizer_source: str | None, inline: Mapping | None, dtype: torch.dtype):
     """Return (tokenizer, model) for kind 'opt' or 't5'.
 
@@ -296,13 +302,14 @@ def build_llm(kind: str, source: str | None, tokenizer_source: str | None, inlin
         if source and on_meta:
             model = transformers.OPTForCausalLM(meta.llm_config(transformers.OPTConfig, source)).to(dtype)
         elif source:
-            model = transformers.OPTForCausalLM.from_pretrained(source, torch_dtype=dtype)
+            model = transformers.OPTForCausalLM.from_pretrained(source, torch_dtype=dtype, attn_implementation=OPT_ATTENTION)
         else:
             config = transformers.OPTConfig(
                 vocab_size=len(tokenizer),
                 pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                attn_implementation=OPT_ATTENTION,
                 **_plain(inline),
             )
             model = transformers.OPTForCausalLM(config).to(dtype)

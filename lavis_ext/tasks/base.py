@@ -151,6 +151,40 @@ class TaskExtMixin:
                 "or check the data"
             )
 
+    def _finish_window(self, model, optimizer, scaler, max_norm, window_bad, loss, step, device) -> None:
+        """End of an accumulation window: clip, then step unless a loss (on any rank) or the gradient norm is
+        non-finite. The fast path reads one boolean from the device; the messages are built only on a skip."""
+        bad = window_bad
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # all ranks skip together: one rank stepping past a NaN another skipped would split the replicas
+            flag = bad.float()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = flag > 0
+        norm = None
+        if max_norm:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            # clipping NaN gradients is harmless: the step is skipped below
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(max_norm))
+            if scaler is None:
+                bad = bad | ~torch.isfinite(norm)
+        if bool(bad.item()):  # the one host sync per optimizer step
+            if not bool(window_bad.item()):
+                what = "loss on another rank" if norm is None or bool(torch.isfinite(norm).item()) else f"gradient norm {norm.item()}"
+            else:
+                what = f"loss {loss.item()}" if not bool(torch.isfinite(loss.detach()).item()) else "loss earlier in the window"
+            if scaler is not None and norm is not None:
+                scaler.update()  # unscale_ ran: close the scaler's step (it lowers the scale on the inf it saw)
+            self._count_nonfinite(what, step)
+        else:
+            self.nonfinite_in_row = 0
+            if scaler is not None:
+                scaler.step(optimizer)  # GradScaler skips inf/nan fp16 steps on its own
+                scaler.update()
+            else:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def _train_inner_loop(
         self,
         epoch,
@@ -185,7 +219,9 @@ class TaskExtMixin:
             loss_sum += float(resume.get("loss_sum", 0.0))
             logger.info("epoch %d: continuing at step %d of %d", epoch, first, iters_per_epoch)
         self._loop = {"loss_sum": loss_sum}
-        window_ok = True  # no non-finite loss or gradient in this accumulation window
+        # Non-finite losses of the accumulation window, kept on the device: the host learns about them once per
+        # optimizer step (one sync, where the update must be decided), not once per micro-step.
+        window_bad = torch.zeros((), dtype=torch.bool, device=device)
         progress = tqdm(
             range(first, iters_per_epoch),
             desc=f"train epoch {epoch}",
@@ -202,34 +238,10 @@ class TaskExtMixin:
                 loss = self.train_step(model=model, samples=samples)
             scaled = loss / accum_grad_iters
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            # Checked after backward is queued, so on a GPU this waits only for the forward pass.
-            if not torch.isfinite(loss.detach()).item():
-                window_ok = False
-                self._count_nonfinite(f"loss {loss.item()}", base_step + i + 1)
+            window_bad |= ~torch.isfinite(loss.detach()).all()
             if (i + 1) % accum_grad_iters == 0:
-                if dist.is_initialized() and dist.get_world_size() > 1:
-                    # all ranks skip together: one rank stepping past a NaN another skipped would split the replicas
-                    agreed = torch.tensor(1.0 if window_ok else 0.0, device=device)
-                    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-                    if window_ok and agreed.item() < 1.0:
-                        window_ok = False
-                        self._count_nonfinite("loss on another rank", base_step + i + 1)
-                if window_ok and max_norm:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(max_norm))
-                    if scaler is None and not torch.isfinite(norm).item():
-                        window_ok = False
-                        self._count_nonfinite(f"gradient norm {norm.item()}", base_step + i + 1)
-                if window_ok:
-                    self.nonfinite_in_row = 0
-                    if scaler is not None:
-                        scaler.step(optimizer)  # GradScaler skips inf/nan fp16 steps on its own
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                window_ok = True
+                self._finish_window(model, optimizer, scaler, max_norm, window_bad, loss, base_step + i + 1, device)
+                window_bad = torch.zeros((), dtype=torch.bool, device=device)
             loss_sum += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
             self.global_step = base_step + i + 1
             if self.step_hook is not None and (i + 1) % accum_grad_iters == 0:

@@ -1,0 +1,184 @@
+"""What every bench script shares: the ``--quick/--runs/--json`` arguments, timing, statistics and the JSON row schema.
+
+Each bench measures ours against a peer in the same process (or the same invocation) and reports rows of
+``{"what", "unit", "higher_is_better", "ours": stat, "peer": stat | None, "ratio", "target", "met", "note"}``
+where ``stat = {"label", "median", "min", "max"}`` and ``ratio`` > 1 always means ours is better.
+``bench/run_all.py`` collects these files into ``BENCHMARKS.md``; :func:`validate` is the schema both sides trust.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_KEYS = ("what", "unit", "higher_is_better", "ours", "peer", "ratio", "target", "met", "note")
+STAT_KEYS = ("label", "median", "min", "max")
+
+
+def add_common_args(parser: argparse.ArgumentParser, runs: int = 5, quick_runs: int = 3) -> argparse.ArgumentParser:
+    """``--quick`` (the make-bench budget), ``--runs N`` and ``--json OUT``; ``runs`` defaults depend on quick."""
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer runs (the `make bench` budget)")
+    parser.add_argument("--runs", type=int, default=None, help=f"timed repetitions (default {runs}, {quick_runs} with --quick)")
+    parser.add_argument("--json", metavar="OUT", default=None, help="write the rows as JSON (schema: bench/common.py)")
+    parser.set_defaults(_runs_default=(runs, quick_runs))
+    return parser
+
+
+def resolve_runs(args) -> int:
+    """The number of timed runs: ``--runs`` when given, else the quick or full default; at least 1."""
+    if args.runs is not None:
+        if args.runs < 1:
+            raise SystemExit(f"--runs {args.runs}: give at least 1")
+        return args.runs
+    full, quick = args._runs_default
+    return quick if args.quick else full
+
+
+def stat(label: str, values: Iterable[float]) -> dict:
+    """Median, min and max of ``values`` under ``label``."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError(f"{label}: no measurements")
+    return {"label": label, "median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def ratio_of(ours: dict, peer: dict | None, higher_is_better: bool) -> float | None:
+    """ours/peer for throughputs, peer/ours for times: > 1 means ours is better."""
+    if peer is None or not peer["median"] or not ours["median"]:
+        return None
+    return ours["median"] / peer["median"] if higher_is_better else peer["median"] / ours["median"]
+
+
+def ranges_overlap(ours: dict, peer: dict | None) -> bool:
+    """True when the min-max ranges of two stats overlap: a difference of medians this run cannot resolve."""
+    return peer is not None and ours["min"] <= peer["max"] and peer["min"] <= ours["max"]
+
+
+def row(what: str, unit: str, ours: dict, peer: dict | None = None, *, higher_is_better: bool = True,
+        target: float | None = None, note: str = "", ratio: float | None = None) -> dict:
+    """One table row; the ratio is computed from the medians unless given, ``met`` from the target."""
+    if ratio is None:
+        ratio = ratio_of(ours, peer, higher_is_better)
+    met = None if target is None or ratio is None else bool(ratio >= target)
+    return {"what": what, "unit": unit, "higher_is_better": bool(higher_is_better), "ours": ours, "peer": peer,
+            "ratio": ratio, "target": target, "met": met, "note": note}
+
+
+def validate(payload: dict) -> dict:
+    """Raise ValueError naming the first field of ``payload`` that breaks the schema; return it unchanged."""
+    if not isinstance(payload, dict):
+        raise ValueError(f"bench result is a {type(payload).__name__}, not an object")
+    for key in ("bench", "command", "rows"):
+        if key not in payload:
+            raise ValueError(f"bench result has no {key!r} (keys: {sorted(payload)})")
+    if not isinstance(payload["rows"], list):
+        raise ValueError("bench result 'rows' is not a list")
+    for i, r in enumerate(payload["rows"]):
+        where = f"{payload['bench']} row {i}"
+        missing = [k for k in ROW_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}")
+        for side in ("ours", "peer"):
+            s = r[side]
+            if s is None and side == "peer":
+                continue
+            if not isinstance(s, dict) or any(k not in s for k in STAT_KEYS):
+                raise ValueError(f"{where}: {side!r} must be an object with {list(STAT_KEYS)}, got {s!r}")
+            for k in ("median", "min", "max"):
+                if not isinstance(s[k], (int, float)):
+                    raise ValueError(f"{where}: {side}.{k} is {s[k]!r}, not a number")
+        for k in ("ratio", "target"):
+            if r[k] is not None and not isinstance(r[k], (int, float)):
+                raise ValueError(f"{where}: {k} is {r[k]!r}, not a number or null")
+        if r["met"] not in (None, True, False):
+            raise ValueError(f"{where}: met is {r['met']!r}, not true/false/null")
+    return payload
+
+
+def write_json(path: str | os.PathLike | None, bench: str, rows: list[dict], argv: list[str] | None = None) -> dict:
+    """Validate and (when ``path`` is given) write ``{"bench", "command", "rows"}``; returns the payload."""
+    argv = sys.argv[1:] if argv is None else argv
+    payload = validate({"bench": bench, "command": "python " + " ".join(shlex.quote(a) for a in [f"bench/{bench}.py", *argv]),
+                        "rows": rows})
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
+def fmt(value: float, unit: str = "") -> str:
+    """A figure with 3 significant digits (no scientific notation for ordinary sizes)."""
+    if value == 0:
+        text = "0"
+    elif abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    elif abs(value) >= 1:
+        text = f"{value:.2f}"
+    else:
+        text = f"{value:.3g}"
+    return f"{text} {unit}".strip()
+
+
+def print_rows(rows: list[dict]) -> None:
+    """A plain-text table of rows (each bench prints its own before writing JSON)."""
+    for r in rows:
+        o, p = r["ours"], r["peer"]
+        peer = f"{p['label']}: {fmt(p['median'], r['unit'])} ({fmt(p['min'])}-{fmt(p['max'])})" if p else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        target = "" if r["target"] is None else f" target >= {r['target']:g}x: {'met' if r['met'] else 'NOT met'}"
+        print(f"{r['what']}\n  ours {o['label']}: {fmt(o['median'], r['unit'])} ({fmt(o['min'])}-{fmt(o['max'])})\n"
+              f"  peer {peer}\n  ratio {ratio}{target}" + (f"\n  note: {r['note']}" if r["note"] else ""), flush=True)
+
+
+def time_calls(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``runs`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time several contenders run after run, alternating their order, so load changes on a shared machine
+    hit every side alike. Returns seconds per call for each name."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for run in range(runs):
+        for name in names if run % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def setup_paths() -> None:
+    """Make ``lavis_ext`` and ``tests/tiny_models`` importable from a bench run anywhere, and point the tiny
+    configs at the synthetic data (``make data``) unless LAVIS_EXT_DATA says otherwise."""
+    for path in (str(REPO), str(REPO / "tests")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    os.environ.setdefault("LAVIS_EXT_DATA", str(REPO / "data" / "synthetic"))
+
+
+def require_data() -> Path:
+    """The synthetic dataset root; a clear error when `make data` has not run."""
+    root = Path(os.environ.get("LAVIS_EXT_DATA", REPO / "data" / "synthetic"))
+    if not (root / "sizes.json").is_file() or not (root / "tokenizers").is_dir():
+        raise SystemExit(f"no synthetic dataset at {root} (sizes.json, tokenizers/); run `make data` first")
+    return root

@@ -1,0 +1,134 @@
+"""Caption generation: our BLIP-2 OPT ``generate`` vs Hugging Face ``Blip2ForConditionalGeneration.generate``
+with identical weights (converted by lavis_ext.interop.hf_bridge) and identical decoding.
+
+The model is the tiny BLIP-2 OPT with its LLM widened to 256 x 4 layers (the ViT and Q-Former stay tiny),
+random weights, CPU. Each setting times both sides alternately (same process, same threads) and checks
+that they produce the same captions. Both sides tokenise the prompts inside the timing (ours with the
+model's tokenizer, the peer with the exported ``Blip2Processor``, which prepends the image tokens) and
+decode the output ids.
+
+Usage: python bench/generation.py [--quick] [--runs N] [--threads N] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WIDE_OPT = {"hidden_size": 256, "ffn_dim": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "word_embed_proj_dim": 256, "max_position_embeddings": 128, "dropout": 0.0}
+SETTINGS = [  # (label, num_beams, batch)
+    ("beam 5, batch 1", 5, 1),
+    ("beam 5, batch 16", 5, 16),
+    ("greedy, batch 1", 1, 1),
+    ("greedy, batch 16", 1, 16),
+]
+MAX_NEW_TOKENS = 30
+
+
+def ensure_tokenizers() -> None:
+    """The tiny configs read tokenizers from $LAVIS_EXT_DATA (default data/synthetic): build a small set if absent."""
+    root = Path(os.environ.get("LAVIS_EXT_DATA", REPO / "data" / "synthetic"))
+    if (root / "tokenizers" / "opt").is_dir():
+        os.environ["LAVIS_EXT_DATA"] = str(root)
+        return
+    from lavis_ext.datasets.synthetic import generate_dataset
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_tok_"))
+    generate_dataset(tmp, seed=0, num_images={"train": 64, "val": 8, "test": 8}, images_per_shard=64, tokenizers=True)
+    os.environ["LAVIS_EXT_DATA"] = str(tmp)
+
+
+def build(seed: int = 0):
+    import lavis_ext  # noqa: F401  (the compat shims must run before anything from LAVIS)
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    from lavis_ext.interop.hf_bridge import to_hf
+
+    cls = registry.get_model_class("blip2_opt_ext")
+    cfg = OmegaConf.merge(OmegaConf.load(cls.default_config_path("tiny")).model, {"opt_config": WIDE_OPT})
+    torch.manual_seed(seed)
+    ours = cls.from_config(cfg).eval()
+    ours.ln_vision.eps = ours.visual_encoder.blocks[0].norm1.eps  # one eps, so the two sides agree exactly
+    hf_model, processor, _ = to_hf(ours)
+    return ours, hf_model.eval(), processor
+
+
+def stats(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 timed runs per setting (about a minute)")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per setting and side (default 5; quick 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    runs = args.runs or (2 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+
+
+    ensure_tokenizers()
+    ours, hf_model, processor = build()
+    n_query, image_token = hf_model.config.num_query_tokens, hf_model.config.image_token_index
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for label, beams, batch in SETTINGS:
+        pixel = torch.randn(batch, 3, 64, 64, generator=g)
+        prompts = [ours.prompt] * batch
+
+        def run_ours(pixel=pixel, beams=beams, prompts=prompts):
+            return ours.generate({"image": pixel, "prompt": prompts}, num_beams=beams, max_length=MAX_NEW_TOKENS,
+                                 min_length=1)
+
+        def run_peer(pixel=pixel, beams=beams, prompts=prompts):
+            # the text half of Blip2Processor: image tokens + tokenised prompt (both sides tokenise inside the timing)
+            enc = processor.tokenizer(prompts, return_tensors="pt", padding="longest")
+            input_ids = torch.cat([torch.full((len(prompts), n_query), image_token), enc.input_ids], 1)
+            mask = torch.cat([torch.ones(len(prompts), n_query, dtype=torch.long), enc.attention_mask], 1)
+            out = hf_model.generate(pixel_values=pixel, input_ids=input_ids, attention_mask=mask, num_beams=beams,
+                                    max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=1)
+            out = out[:, input_ids.shape[1]:]
+            return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)], out.shape[1]
+
+        with torch.no_grad():
+            same = run_ours() == run_peer()[0]  # also the warm-up
+            new_tokens = run_peer()[1]
+            times = {"ours": [], "peer": []}
+            for _ in range(runs):
+                for side, fn in (("ours", run_ours), ("peer", run_peer)):
+                    t = time.perf_counter()
+                    fn()
+                    times[side].append(batch / (time.perf_counter() - t))
+        o, p = stats(times["ours"]), stats(times["peer"])
+        ratio = o["median"] / p["median"]
+        rows.append({
+            "what": f"caption generation, {label}, max {MAX_NEW_TOKENS} new tokens (BLIP-2 OPT 256x4, CPU {args.threads} threads)",
+            "unit": "captions/s", "higher_is_better": True,
+            "ours": {"label": "lavis_ext Blip2OPTExt.generate", **o},
+            "peer": {"label": "transformers Blip2ForConditionalGeneration.generate", **p},
+            "ratio": ratio, "target": 1.0, "met": ratio >= 1.0,
+            "note": f"same captions: {same}; {new_tokens} new tokens; {runs} runs per side, alternating",
+        })
+        print(f"{label:18s} ours {o['median']:8.2f}  peer {p['median']:8.2f} captions/s  ratio {ratio:.3f}  same={same}",
+              flush=True)
+    command = "python bench/generation.py" + (" --quick" if args.quick else "") + (f" --runs {args.runs}" if args.runs else "")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bench": "generation", "command": command, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

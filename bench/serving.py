@@ -1,0 +1,274 @@
+"""HTTP captioning throughput and latency: our micro-batching server against one generate per request.
+
+Peer (the common example): a plain FastAPI app whose ``async def`` endpoint reads the upload, opens it with PIL
+and calls ``predictor.caption([image])`` inline: one forward pass per request, requests served one after the
+other. A second peer, for the 32-client rows: the same with a plain ``def`` handler, which FastAPI runs in its
+thread pool, so forward passes overlap (still one image each) and use both cores. Ours: ``lavis-ext serve`` (``lavis_ext.serve.server``), which validates uploads in a thread pool and
+gathers concurrent requests into batched ``generate`` calls (``--max-batch 16``, ``--max-wait-ms 5``), with
+``--workers 2`` (two batches at once: one forward pass of this small model cannot keep two cores busy, and the
+threaded peer uses both cores too).
+
+Both load the same model through ``lavis_ext.inference.load``: the tiny BLIP-2 OPT config widened (OPT 4 x 256,
+ViT 4 x 128, Q-Former 128; random init: throughput does not depend on the weights) with greedy decoding of
+exactly 16 new tokens (min = max), so every request costs the same. Each server runs in its own subprocess on
+127.0.0.1 with the same torch thread count (``--threads``, default 1, ``OMP_NUM_THREADS`` set to match: on the
+shared 2-core reference machine, 2 OpenMP threads per server made single-request latency swing by 10x when other
+processes held the cores, which measures the scheduler, not the servers); the load generator is an httpx async client in this process. For each run and
+each concurrency (1, 8, 32 clients) the peer and ours are driven alternately with the same fixed number of
+requests (64 x 64 PNGs), after a warm-up, so load changes on a shared machine hit both.
+
+Rows: throughput ratio (ours / peer) at 1, 8 and 32 clients (target 4.0 at 32), and p50 / p99 latency at 32
+clients (ratio peer / ours; p99 target 1.0: no worse), against each peer at 32 clients.
+Usage: python bench/serving.py [--quick] [--runs N] [--json OUT] [--threads 1] [--max-batch 16]
+"""
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = REPO / "projects/tiny/caption_opt.yaml"
+# Wide enough that a forward pass (not HTTP) dominates a request; random init is fine for throughput.
+WIDEN = [
+    "model.opt_config.hidden_size=256", "model.opt_config.ffn_dim=1024", "model.opt_config.num_hidden_layers=4",
+    "model.opt_config.num_attention_heads=8", "model.opt_config.word_embed_proj_dim=256",
+    "model.vit_config.width=128", "model.vit_config.depth=4",
+    "model.qformer_config.hidden_size=128", "model.qformer_config.intermediate_size=512",
+    "run.num_beams=1", "run.max_len=16", "run.min_len=16",
+]
+CLIENTS = (1, 8, 32)
+# The peer of every row, and a second one (a `def` handler in FastAPI's thread pool) for the 32-client rows.
+PEERS = {"peer": "async", "peer_threaded": "thread"}
+PEER_LABELS = {"peer": "FastAPI async handler, one generate per request",
+               "peer_threaded": "FastAPI def handler (thread pool), one generate per request"}
+SERVERS = ("peer", "peer_threaded", "ours")
+
+
+# ---- the peer server (runs in a subprocess: python bench/serving.py --baseline-server ...) ------------
+def baseline_app(predictor, style: str):
+    """The usual FastAPI example: one ``generate`` per request, inside the request handler.
+
+    ``async``: an ``async def`` handler (requests run one after the other on the event loop);
+    ``thread``: a plain ``def`` handler, which FastAPI runs in its thread pool (requests overlap).
+    """
+    from fastapi import FastAPI, File, UploadFile
+    from PIL import Image
+
+    app = FastAPI()
+
+    @app.get("/readyz")
+    async def readyz():
+        return {"status": "ready"}
+
+    if style == "async":
+        @app.post("/v1/caption")
+        async def caption(image: UploadFile = File(...)):  # noqa: B008  (FastAPI's idiom)
+            pil = Image.open(io.BytesIO(await image.read())).convert("RGB")
+            return {"caption": predictor.caption([pil])[0]}
+    else:
+        @app.post("/v1/caption")
+        def caption_in_thread(image: UploadFile = File(...)):  # noqa: B008
+            pil = Image.open(io.BytesIO(image.file.read())).convert("RGB")
+            return {"caption": predictor.caption([pil])[0]}
+
+    return app
+
+
+def serve_baseline(port: int, threads: int, style: str, options: list[str]) -> None:
+    import torch
+    import uvicorn
+
+    from lavis_ext.inference import load
+
+    torch.set_num_threads(threads)
+    predictor = load(cfg_path=PROJECT, options=options, device="cpu")
+    uvicorn.run(baseline_app(predictor, style), host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---- driving ----------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_images(count: int = 32) -> list[bytes]:
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i in range(count):
+        image = Image.new("RGB", (64, 64), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256))
+        ImageDraw.Draw(image).ellipse((8 + i % 9, 10, 50, 40 + i % 13), fill=((i * 11) % 256, 200, 90))
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+async def drive(url: str, clients: int, requests: int, images: list[bytes]) -> dict:
+    """``clients`` concurrent clients send ``requests`` captions in all; throughput and latency percentiles."""
+    import httpx
+    import numpy as np
+
+    latencies: list[float] = []
+    counter = iter(range(requests))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def one_client():
+            for n in counter:
+                files = {"image": (f"{n}.png", images[n % len(images)], "image/png")}
+                start = time.perf_counter()
+                reply = await client.post("/v1/caption", files=files)
+                latencies.append(time.perf_counter() - start)
+                if reply.status_code != 200:
+                    raise RuntimeError(f"{url}: HTTP {reply.status_code}: {reply.text[:200]}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"throughput": requests / wall, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with code {process.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server {url} not ready after {timeout} s")
+
+
+def tokenizer_root(tmp: Path) -> str:
+    """LAVIS_EXT_DATA with tokenizers: the environment's, ./data/synthetic, or a small one built here."""
+    for candidate in (os.environ.get("LAVIS_EXT_DATA"), str(REPO / "data/synthetic")):
+        if candidate and (Path(candidate) / "tokenizers/opt").is_dir():
+            return candidate
+    from lavis_ext.datasets.synthetic import generate_dataset
+
+    generate_dataset(tmp / "synthetic", seed=0, num_images={"train": 64, "val": 8, "test": 8}, tokenizers=True)
+    return str(tmp / "synthetic")
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 run, fewer requests (< 3 min on 2 cores)")
+    parser.add_argument("--runs", type=int, default=None, help="alternating peer/ours runs (default 3; quick 1)")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each server (default 1)")
+    parser.add_argument("--max-batch", type=int, default=16, help="our server's --max-batch (default 16, its default)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="our server's --max-wait-ms (default 5, its default)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="our server's --workers (default 2: one batch per core of the 2-core reference machine)")
+    parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--style", default="async", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline_server:
+        serve_baseline(args.port, args.threads, args.style, WIDEN)
+        return 0
+
+    runs = args.runs or (1 if args.quick else 3)
+    requests = {1: 12, 8: 48, 32: 96} if args.quick else {1: 24, 8: 96, 32: 192}
+    images = test_images()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "LAVIS_EXT_DATA": tokenizer_root(Path(tmp)), "OMP_NUM_THREADS": str(args.threads),
+               "PYTHONWARNINGS": "ignore"}
+        ports = {name: free_port() for name in SERVERS}
+        commands = {
+            **{peer: [sys.executable, __file__, "--baseline-server", "--port", str(ports[peer]),
+                      "--threads", str(args.threads), "--style", style] for peer, style in PEERS.items()},
+            "ours": [sys.executable, "-m", "lavis_ext.serve.server", "--cfg-path", str(PROJECT), "--options", *WIDEN,
+                     "--device", "cpu", "--port", str(ports["ours"]), "--threads", str(args.threads),
+                     "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                     "--workers", str(args.workers),
+                     "--log-level", "warning"],
+        }
+        processes = {name: subprocess.Popen(cmd, env=env, cwd=REPO) for name, cmd in commands.items()}
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        results = {name: {c: [] for c in CLIENTS} for name in urls}
+        try:
+            for name, url in urls.items():
+                wait_ready(url, processes[name])
+                for clients in (1, 32):  # warm-up: first calls, and the batched shapes
+                    asyncio.run(drive(url, clients, clients, images))
+            for run in range(runs):
+                for clients in CLIENTS:
+                    for name in SERVERS:
+                        if name == "peer_threaded" and clients != 32:  # the second peer: 32-client rows only
+                            continue
+                        measured = asyncio.run(drive(urls[name], clients, requests[clients], images))
+                        results[name][clients].append(measured)
+                        print(f"run {run + 1}/{runs} {name:13s} {clients:2d} clients: {measured['throughput']:7.2f} req/s  "
+                              f"p50 {measured['p50']:8.1f} ms  p99 {measured['p99']:8.1f} ms", flush=True)
+        finally:
+            for process in processes.values():
+                process.terminate()
+            for process in processes.values():
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+    rows = []
+    ours_label = (f"lavis-ext serve (max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "
+                  f"workers {args.workers})")
+    for clients in CLIENTS:
+        for peer in PEERS if clients == 32 else ("peer",):
+            ours = summary([m["throughput"] for m in results["ours"][clients]])
+            theirs = summary([m["throughput"] for m in results[peer][clients]])
+            ratio = ours["median"] / theirs["median"]
+            target = 4.0 if clients == 32 else None
+            rows.append({
+                "what": f"caption throughput, {clients} concurrent client(s), vs {PEERS[peer]} handler",
+                "unit": "req/s", "higher_is_better": True,
+                "ours": {"label": ours_label, **ours}, "peer": {"label": PEER_LABELS[peer], **theirs},
+                "ratio": ratio, "target": target, "met": None if target is None else ratio >= target,
+                "note": f"{requests[clients]} requests per run, {runs} run(s), torch threads {args.threads}",
+            })
+    for peer, style in PEERS.items():
+        for key, target in (("p50", None), ("p99", 1.0)):
+            ours = summary([m[key] for m in results["ours"][32]])
+            theirs = summary([m[key] for m in results[peer][32]])
+            ratio = theirs["median"] / ours["median"]
+            rows.append({
+                "what": f"{key} latency, 32 concurrent clients, vs {style} handler",
+                "unit": "ms", "higher_is_better": False,
+                "ours": {"label": ours_label, **ours}, "peer": {"label": PEER_LABELS[peer], **theirs},
+                "ratio": ratio, "target": target, "met": None if target is None else ratio >= target,
+                "note": f"ratio = peer / ours; {requests[32]} requests per run",
+            })
+
+    print(f"\n{'what':62s} {'unit':6s} {'ours':>10s} {'peer':>10s} {'ratio':>7s} {'target':>7s}")
+    for row in rows:
+        target = "" if row["target"] is None else f"{row['target']:.1f}" + (" ok" if row["met"] else " MISS")
+        print(f"{row['what']:62s} {row['unit']:6s} {row['ours']['median']:10.2f} {row['peer']['median']:10.2f} "
+              f"{row['ratio']:7.2f} {target:>7s}")
+    if args.json:
+        command = "python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.json).write_text(json.dumps({"bench": "serving", "command": command.strip(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Hot-path behaviour the benchmarks rely on: the training loop reads the device once per optimizer step
+(not once per micro-step or per check), accumulation windows with a non-finite loss are skipped as one step,
+and OPT is built with SDPA attention."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from lavis.common.optims import LinearWarmupCosineLRScheduler
+from omegaconf import OmegaConf
+
+from lavis_ext.models.components import build_llm
+from lavis_ext.tasks.captioning import CaptionTaskExt
+
+
+class Quadratic(torch.nn.Module):
+    """loss = (w x)^2, NaN on batches flagged ``bad``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, samples):
+        loss = (self.weight * samples["x"]).pow(2).sum()
+        return {"loss": loss * float("nan") if samples["bad"] else loss}
+
+
+def run_loop(flags, accum=1, max_grad_norm=1.0):
+    model = Quadratic()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
+    task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
+    task.attach_run(OmegaConf.create({"max_nonfinite_in_row": 5, "max_grad_norm": max_grad_norm}), tracker=None)
+    loader = iter([{"x": torch.ones(1), "bad": bad} for bad in flags])
+    stats = task._train_inner_loop(0, len(flags), model, loader, optimizer, scheduler, log_freq=100,
+                                   accum_grad_iters=accum)
+    return model, task, stats
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts every device-to-host read of a tensor value (``.item()``, ``bool()``, ``float()``)."""
+    count = {"n": 0}
+    for name in ("item", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return count
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_one_host_read_per_optimizer_step(host_reads, max_grad_norm):
+    steps = 6
+    run_loop([False] * steps, max_grad_norm=max_grad_norm)
+    # one per optimizer step (skip or not), plus the last step's log line and the epoch's mean loss
+    assert host_reads["n"] == steps + 2
+
+
+def test_accumulation_reads_once_per_window(host_reads):
+    run_loop([False] * 8, accum=4)
+    assert host_reads["n"] == 2 + 2
+
+
+def test_a_nonfinite_loss_skips_its_whole_accumulation_window_once():
+    model, task, stats = run_loop([True, False, False, False], accum=2)
+    assert task.nonfinite_steps == 1 and stats["nonfinite_steps"] == 1
+    assert task.nonfinite_in_row == 0  # the second window stepped
+    # one SGD step on the mean of two w^2 gradients (2w/2 each, clipped to norm 1): w = 1 - 0.1 * 1
+    assert model.weight.item() == pytest.approx(0.9)
+    assert math.isfinite(float(stats["loss"]))
+
+
+def test_nonfinite_gradient_norm_is_named_and_skipped(caplog):
+    class InfGrad(Quadratic):
+        def forward(self, samples):  # sqrt(w - 1) at w = 1: loss 0, gradient +inf
+            return {"loss": (self.weight - samples["x"]).sqrt().sum()}
+
+    model = InfGrad()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
+    task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
+    task.attach_run(OmegaConf.create({"max_grad_norm": 1.0}), tracker=None)
+    with caplog.at_level("WARNING"):
+        task._train_inner_loop(0, 1, model, iter([{"x": torch.ones(1), "bad": True}]), optimizer, scheduler)
+    assert task.nonfinite_steps == 1 and model.weight.item() == 1.0
+    assert "non-finite gradient norm" in caplog.text
+
+
+def test_opt_is_built_with_sdpa_attention(tmp_path):
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    inline = {"hidden_size": 16, "ffn_dim": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "word_embed_proj_dim": 16, "max_position_embeddings": 32}
+    _, model = build_llm("opt", None, str(tmp_path), inline, torch.float32)
+    assert model.config._attn_implementation == "sdpa"
