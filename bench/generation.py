@@ -71,12 +71,12 @@ def stats(values):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 timed runs per setting (about a minute)")
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per setting and side (default 5; quick 2)")
+    parser.add_argument("--quick", action="store_true", help="4 timed runs per setting (about two minutes)")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per setting and side (default 7; quick 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    runs = args.runs or (2 if args.quick else 5)
+    runs = args.runs or (4 if args.quick else 7)
     torch.set_num_threads(args.threads)
 
 
@@ -107,8 +107,9 @@ def main(argv=None) -> int:
             same = run_ours() == run_peer()[0]  # also the warm-up
             new_tokens = run_peer()[1]
             times = {"ours": [], "peer": []}
-            for _ in range(runs):
-                for side, fn in (("ours", run_ours), ("peer", run_peer)):
+            sides = [("ours", run_ours), ("peer", run_peer)]
+            for run in range(runs):  # the order flips every run, so neither side always goes first
+                for side, fn in sides if run % 2 == 0 else sides[::-1]:
                     t = time.perf_counter()
                     fn()
                     times[side].append(batch / (time.perf_counter() - t))

@@ -172,8 +172,8 @@ def summary(values: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 run, fewer requests (< 3 min on 2 cores)")
-    parser.add_argument("--runs", type=int, default=None, help="alternating peer/ours runs (default 3; quick 1)")
+    parser.add_argument("--quick", action="store_true", help="2 runs, fewer requests (< 3 min on 2 cores)")
+    parser.add_argument("--runs", type=int, default=None, help="alternating peer/ours runs (default 3; quick 2)")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server (default 1)")
     parser.add_argument("--max-batch", type=int, default=16, help="our server's --max-batch (default 16, its default)")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_baseline(args.port, args.threads, args.style, WIDEN)
         return 0
 
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs or (2 if args.quick else 3)
     requests = {1: 12, 8: 48, 32: 96} if args.quick else {1: 24, 8: 96, 32: 192}
     images = test_images()
     with tempfile.TemporaryDirectory() as tmp:
