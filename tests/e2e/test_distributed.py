@@ -69,9 +69,10 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a if not k.endswith(KEY_BIASES))
 
 
-def launch(root: Path, out: Path, launcher: list[str], batch: int, extra: tuple = ()) -> subprocess.Popen:
+def launch(root: Path, out: Path, launcher: list[str], batch: int, extra: tuple = (),
+           program: tuple = ("-m", "torch.distributed.run")) -> subprocess.Popen:
     env = {**os.environ, "LAVIS_EXT_DATA": str(root), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(REPO / "train.py"), "--cfg-path", PROJECT,
+    cmd = [sys.executable, *program, *launcher, str(REPO / "train.py"), "--cfg-path", PROJECT,
            "--options", *ALIGNED, f"run.batch_size_train={batch}", f"run.output_dir={out}",
            f"datasets.wds_caption.build_info.root={root}", *extra]
     return subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -121,6 +122,19 @@ def test_two_nodes_on_loopback_train_together(synthetic_root, tmp_path, single_p
         finish(proc)
     run_dir = only_run(out)  # one job id, broadcast from rank 0: both nodes wrote into one folder
     assert max_difference(weights(run_dir), single_process_weights) < 1e-6
+
+
+@pytest.mark.slow
+def test_accelerate_launch_is_a_launcher_too(synthetic_root, tmp_path, single_process_weights):
+    """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; gloo on CPU) trains like torchrun."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "accelerate"
+    out.mkdir()
+    accelerate = ("-m", "accelerate.commands.launch")
+    finish(launch(synthetic_root, out, ["--num_processes=2", "--num_machines=1", "--multi_gpu", "--mixed_precision=no",
+                                        "--dynamo_backend=no", f"--main_process_port={free_port()}"],
+                  batch=5, program=accelerate))
+    assert max_difference(weights(only_run(out)), single_process_weights) < 1e-6
 
 
 @pytest.mark.slow
