@@ -56,7 +56,7 @@ GPU_PENDING = [
 ]
 # Measured by hand (they do not fit the make-bench budget); kept so the report loses nothing.
 RECORDED = [
-    ("`make demo` wall time", "10 min 39 s with `.venv` present; a fresh venv adds ~2 min", "-", "-",
+    ("`make demo` wall time", "10 min 39 s to 11 min 14 s (two runs) with `.venv` present; a fresh venv adds ~2 min", "-", "-",
      "<= 15 min set-up included: met (~13 min)", "`time make demo`, 2026-11-27"),
     ("demo quality (test CIDEr-D, greedy)", "3.02", "best single constant caption: 1.02", "2.97x",
      ">= 3.0: met; >= 3x: **not met** (3.05 needed)", "`make demo`, 2026-11-27"),
