@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +21,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from common import require_data, setup_paths, stat  # noqa: E402
 
 WIDE_OPT = {"hidden_size": 256, "ffn_dim": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
             "word_embed_proj_dim": 256, "max_position_embeddings": 128, "dropout": 0.0}
@@ -39,18 +38,6 @@ MAX_NEW_TOKENS = 30
 NOISE_NOTE = ("; both sides run transformers' generate loop on the same weights (the same calls, profiled), so a gap "
               "of a few % is run-to-run noise: it changes sign between runs of this suite")
 
-
-def ensure_tokenizers() -> None:
-    """The tiny configs read tokenizers from $LAVIS_EXT_DATA (default data/synthetic): build a small set if absent."""
-    root = Path(os.environ.get("LAVIS_EXT_DATA", REPO / "data" / "synthetic"))
-    if (root / "tokenizers" / "opt").is_dir():
-        os.environ["LAVIS_EXT_DATA"] = str(root)
-        return
-    from lavis_ext.datasets.synthetic import generate_dataset
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench_tok_"))
-    generate_dataset(tmp, seed=0, num_images={"train": 64, "val": 8, "test": 8}, images_per_shard=64, tokenizers=True)
-    os.environ["LAVIS_EXT_DATA"] = str(tmp)
 
 
 def build(seed: int = 0):
@@ -69,9 +56,6 @@ def build(seed: int = 0):
     return ours, hf_model.eval(), processor
 
 
-def stats(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -84,7 +68,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
 
-    ensure_tokenizers()
+    setup_paths()
+    require_data()
     ours, hf_model, processor = build()
     n_query, image_token = hf_model.config.num_query_tokens, hf_model.config.image_token_index
     g = torch.Generator().manual_seed(0)
@@ -117,13 +102,13 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     fn()
                     times[side].append(batch / (time.perf_counter() - t))
-        o, p = stats(times["ours"]), stats(times["peer"])
+        o, p = stat("", times["ours"]), stat("", times["peer"])
         ratio = o["median"] / p["median"]
         rows.append({
             "what": f"caption generation, {label}, max {MAX_NEW_TOKENS} new tokens (BLIP-2 OPT 256x4, CPU {args.threads} threads)",
             "unit": "captions/s", "higher_is_better": True,
-            "ours": {"label": "lavis_ext Blip2OPTExt.generate", **o},
-            "peer": {"label": "transformers Blip2ForConditionalGeneration.generate", **p},
+            "ours": {**o, "label": "lavis_ext Blip2OPTExt.generate"},
+            "peer": {**p, "label": "transformers Blip2ForConditionalGeneration.generate"},
             "ratio": ratio, "target": 1.0, "met": ratio >= 1.0,
             "note": f"same captions: {same}; {new_tokens} new tokens; {runs} runs per side, alternating"
                     + ("" if ratio >= 1.0 else NOISE_NOTE),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +20,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from common import require_data, setup_paths, stat  # noqa: E402
 
 IMAGE_SIZE = 224
 WIDE_IMAGE_SIDE = {
@@ -36,21 +36,6 @@ WIDE_IMAGE_SIDE = {
 BATCHES = (1, 8)
 
 
-def ensure_tokenizers() -> None:
-    """The tiny configs read tokenizers from $LAVIS_EXT_DATA (default data/synthetic): build a small set if absent."""
-    root = Path(os.environ.get("LAVIS_EXT_DATA", REPO / "data" / "synthetic"))
-    if (root / "tokenizers" / "opt").is_dir():
-        os.environ["LAVIS_EXT_DATA"] = str(root)
-        return
-    from lavis_ext.datasets.synthetic import generate_dataset
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench_tok_"))
-    generate_dataset(tmp, seed=0, num_images={"train": 64, "val": 8, "test": 8}, images_per_shard=64, tokenizers=True)
-    os.environ["LAVIS_EXT_DATA"] = str(tmp)
-
-
-def stats(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main(argv=None) -> int:
@@ -69,7 +54,8 @@ def main(argv=None) -> int:
 
     from lavis_ext.interop.onnx_export import OnnxImageEncoder, export_onnx
 
-    ensure_tokenizers()
+    setup_paths()
+    require_data()
     cls = registry.get_model_class("blip2_opt_ext")
     cfg = OmegaConf.merge(OmegaConf.load(cls.default_config_path("tiny")).model, WIDE_IMAGE_SIDE)
     torch.manual_seed(0)
@@ -99,13 +85,13 @@ def main(argv=None) -> int:
                         t = time.perf_counter()
                         fn()
                         times[side].append(batch / (time.perf_counter() - t))
-            o, p = stats(times["ours"]), stats(times["peer"])
+            o, p = stat("", times["ours"]), stat("", times["peer"])
             ratio = o["median"] / p["median"]
             rows.append({
                 "what": f"image -> LLM prefix, batch {batch} (EVA ViT 256x6 @224px + Q-Former 256x4, CPU {args.threads} thread(s))",
                 "unit": "images/s", "higher_is_better": True,
-                "ours": {"label": "lavis_ext ONNX export on onnxruntime", **o},
-                "peer": {"label": "same model, PyTorch eager", **p},
+                "ours": {**o, "label": "lavis_ext ONNX export on onnxruntime"},
+                "peer": {**p, "label": "same model, PyTorch eager"},
                 "ratio": ratio, "target": 1.0, "met": ratio >= 1.0,
                 "note": f"max |onnxruntime - torch| = {diff:.2e}; export took {export_s:.1f} s; {runs} runs per side, alternating",
             })
