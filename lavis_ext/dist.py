@@ -71,12 +71,20 @@ def init_distributed(run_cfg, timeout_s: int = 1800) -> None:
     timeout = int(run_cfg.get("dist_timeout_s", timeout_s))
     if not dist.is_initialized():
         try:
+            kwargs = {"init_method": init_method}
+            if launched:
+                # torchrun --max-restarts reuses its store across restarts: without a per-attempt prefix, a
+                # restarted rank can read the dead round's gloo addresses ("Gloo connectFullMesh failed ...
+                # Connection refused") and the restart fails.
+                store, _, _ = next(dist.rendezvous(init_method, rank, world, timeout=datetime.timedelta(seconds=timeout)))
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                kwargs = {"store": dist.PrefixStore(f"lavis_ext/attempt_{attempt}", store)}
             dist.init_process_group(
                 backend=backend,
-                init_method=init_method,
                 rank=rank,
                 world_size=world,
                 timeout=datetime.timedelta(seconds=timeout),
+                **kwargs,
             )
         except Exception as error:  # DistStoreError / DistNetworkError / RuntimeError, by torch version
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
