@@ -12,7 +12,6 @@ Usage: python bench/generation.py [--quick] [--runs N] [--threads N] [--json OUT
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from common import require_data, setup_paths, stat  # noqa: E402
+from common import add_common_args, require_data, resolve_runs, setup_paths, stat, write_json  # noqa: E402
 
 WIDE_OPT = {"hidden_size": 256, "ffn_dim": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
             "word_embed_proj_dim": 256, "max_position_embeddings": 128, "dropout": 0.0}
@@ -58,15 +57,11 @@ def build(seed: int = 0):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 timed runs per setting (about two minutes)")
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per setting and side (default 7; quick 4)")
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), runs=7, quick_runs=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    runs = args.runs or (4 if args.quick else 7)
+    runs = resolve_runs(args)
     torch.set_num_threads(args.threads)
-
 
     setup_paths()
     require_data()
@@ -115,9 +110,7 @@ def main(argv=None) -> int:
         })
         print(f"{label:18s} ours {o['median']:8.2f}  peer {p['median']:8.2f} captions/s  ratio {ratio:.3f}  same={same}",
               flush=True)
-    command = "python bench/generation.py" + (" --quick" if args.quick else "") + (f" --runs {args.runs}" if args.runs else "")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"bench": "generation", "command": command, "rows": rows}, indent=2))
+    write_json(args.json, "generation", rows, argv)
     return 0
 
 

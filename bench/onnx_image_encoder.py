@@ -10,7 +10,6 @@ Usage: python bench/onnx_image_encoder.py [--quick] [--runs N] [--threads N] [--
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from common import require_data, setup_paths, stat  # noqa: E402
+from common import add_common_args, require_data, resolve_runs, setup_paths, stat, write_json  # noqa: E402
 
 IMAGE_SIZE = 224
 WIDE_IMAGE_SIDE = {
@@ -39,13 +38,10 @@ BATCHES = (1, 8)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer timed runs (well under a minute)")
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per batch size and side (default 20; quick 5)")
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), runs=20, quick_runs=5)
     parser.add_argument("--threads", type=int, default=1, help="threads for both sides (1: stable on a shared CPU)")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    runs = args.runs or (5 if args.quick else 20)
+    runs = resolve_runs(args)
     torch.set_num_threads(args.threads)
 
     import lavis_ext  # noqa: F401  (the compat shims must run before anything from LAVIS)
@@ -97,9 +93,7 @@ def main(argv=None) -> int:
             })
             print(f"batch {batch:2d}: onnxruntime {o['median']:8.2f}  torch {p['median']:8.2f} images/s  ratio {ratio:.3f}"
                   f"  max diff {diff:.1e}", flush=True)
-    command = "python bench/onnx_image_encoder.py" + (" --quick" if args.quick else "") + (f" --runs {args.runs}" if args.runs else "")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"bench": "onnx_image_encoder", "command": command, "rows": rows}, indent=2))
+    write_json(args.json, "onnx_image_encoder", rows, argv)
     return 0
 
 
