@@ -36,3 +36,15 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
 def images(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 64, 64, generator=g)
+
+
+class SometimesNaN(torch.nn.Module):
+    """A one-weight model, loss = (w x)^2, NaN on the batches flagged ``bad`` (the non-finite guard's tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, samples):
+        loss = (self.weight * samples["x"]).pow(2).sum()
+        return {"loss": loss * float("nan") if samples["bad"] else loss}

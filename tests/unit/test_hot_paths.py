@@ -10,25 +10,15 @@ import pytest
 import torch
 from lavis.common.optims import LinearWarmupCosineLRScheduler
 from omegaconf import OmegaConf
+from tiny_models import SometimesNaN
 
 from lavis_ext.models.components import build_llm
 from lavis_ext.tasks.captioning import CaptionTaskExt
 
 
-class Quadratic(torch.nn.Module):
-    """loss = (w x)^2, NaN on batches flagged ``bad``."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(1))
-
-    def forward(self, samples):
-        loss = (self.weight * samples["x"]).pow(2).sum()
-        return {"loss": loss * float("nan") if samples["bad"] else loss}
-
 
 def run_loop(flags, accum=1, max_grad_norm=1.0):
-    model = Quadratic()
+    model = SometimesNaN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
     task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
@@ -77,7 +67,7 @@ def test_a_nonfinite_loss_skips_its_whole_accumulation_window_once():
 
 
 def test_nonfinite_gradient_norm_is_named_and_skipped(caplog):
-    class InfGrad(Quadratic):
+    class InfGrad(SometimesNaN):
         def forward(self, samples):  # sqrt(w - 1) at w = 1: loss 0, gradient +inf
             return {"loss": (self.weight - samples["x"]).sqrt().sum()}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lavis.common.optims import LinearWarmupCosineLRScheduler
 from omegaconf import OmegaConf
-from tiny_models import images, tiny_model
+from tiny_models import SometimesNaN, images, tiny_model
 
 from lavis_ext.checkpoints import load_trainable, read_checkpoint, save_checkpoint
 from lavis_ext.models.strategies import format_parameter_report, merge_lora, parameter_report
@@ -183,17 +183,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(synthetic_root, arch):
 
 
 # ---- the training loop's guard against non-finite losses ------------------------------------
-class SometimesNaN(torch.nn.Module):
-    """A one-weight model whose loss is NaN on the batches flagged ``bad``."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(1))
-
-    def forward(self, samples):
-        loss = (self.weight * samples["x"]).pow(2).sum()
-        return {"loss": loss * float("nan") if samples["bad"] else loss}
-
 
 def run_loop(flags, max_in_row=3):
     model = SometimesNaN()
