@@ -6,7 +6,10 @@ trip per image), ROUGE-L, CIDEr-D one after the other. Its SPICE step is stubbed
 impossible offline; ours reports SPICE as skipped), and its tokenizer's temporary file is redirected to the run's
 temp folder instead of site-packages (the same work).
 Ours: ``lavis_ext.evaluation.score.score_captions`` on the same two files (reading them included): one tokenizer JVM,
-METEOR's JVM started first and fed without round trips in a thread, BLEU/ROUGE-L/CIDEr-D meanwhile.
+METEOR's paraphrase table cut to what the references can use (lavis_ext/evaluation/meteor_paraphrases.py; its
+one-time index of the full table is built before the timed runs and reported), METEOR fed without round trips from
+a thread, over two JVMs for large sets, BLEU/ROUGE-L/CIDEr-D meanwhile. Every run is a full evaluation: the
+references are normalised and the table cut again each time.
 
 The captions are synthetic and deterministic (seeded): 8-16 words from a COCO-like vocabulary, mixed case and
 punctuation. Runs alternate peer/ours so that load changes on a shared machine hit both. Prints median/min/max of
@@ -124,6 +127,19 @@ def run_ours(gt: Path, res: Path, tmp: Path) -> dict:
     return report["metrics"]
 
 
+def prepare_meteor_index() -> str:
+    """Build (once per machine) or load the paraphrase index outside the timings; say which and how long."""
+    from lavis_ext.evaluation import meteor_paraphrases
+
+    start = time.perf_counter()
+    index = meteor_paraphrases.load_index()
+    elapsed = time.perf_counter() - start
+    built = index.build_seconds
+    print(f"METEOR paraphrase index: {index.num_entries:,} entries, "
+          + (f"built now in {elapsed:.1f} s" if elapsed > 5 else f"loaded in {elapsed:.2f} s (built once in {built:.0f} s)"))
+    return f"one-time index of the full table: {built:.0f} s on first use"
+
+
 def summary(times: list[float]) -> str:
     return f"median {statistics.median(times):.2f} s (min {min(times):.2f}, max {max(times):.2f})"
 
@@ -138,6 +154,7 @@ def main(argv=None) -> int:
     args.images = args.images or (1000 if args.quick else 5000)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import lavis_ext.evaluation.score  # noqa: F401  (import cost outside the timings)
+    index_note = prepare_meteor_index()
 
     refs, preds = make_captions(args.images, args.refs)
     times: dict[str, list[float]] = {"peer": [], "ours": []}
@@ -173,8 +190,8 @@ def main(argv=None) -> int:
     what = f"caption scoring, {args.images:,} captions x {args.refs} refs (BLEU/METEOR/ROUGE-L/CIDEr)"
     rows = [row(f"{what}: wall time", "s", stat("lavis_ext score_captions", times["ours"]),
                 stat("pycocoevalcap COCOEvalCap as LAVIS runs it", times["peer"]), higher_is_better=False, target=2.0,
-                note=f"scores identical (largest difference {worst:.1g}); METEOR's JVM start and its one-pass scoring "
-                     "bound both sides, so 2x is out of reach while METEOR is computed"),
+                note=f"scores identical (largest difference {worst:.1g}); METEOR reads a paraphrase table cut to "
+                     f"the references ({index_note})"),
             row(f"{what}: CPU time incl. Java children", "s", stat("lavis_ext score_captions", cpu["ours"]),
                 stat("pycocoevalcap COCOEvalCap as LAVIS runs it", cpu["peer"]), higher_is_better=False,
                 note="load-independent on a shared machine")]

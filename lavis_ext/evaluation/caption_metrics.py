@@ -13,14 +13,13 @@ and its SPICE step downloads Stanford CoreNLP on first use. Here the same steps 
 Every file (tokenizer input, SPICE input/output/cache, JVM temp files and crash logs) goes under ``work_dir``; the
 JVMs only read their jars and METEOR's paraphrase table in site-packages.
 
-Faster than ``COCOEvalCap.evaluate()`` with the same scores (``bench/caption_scoring.py``, 5,000 captions x 5
-references: 1.3x on 2 mostly idle cores, the same time when other work keeps both cores busy). The METEOR JVM
-starts first and loads its paraphrase table (~5-7 s) while the captions are tokenised (references and candidates
-in one short JVM, not two) and BLEU, ROUGE-L and CIDEr-D run; METEOR's lines are streamed instead of sent one round
-trip at a time, in a thread that mostly waits on the JVM. What remains is METEOR's own JVM (paraphrase load, then
-~1 ms per image on one thread), about three quarters of the peer's time, so overlapping the rest cannot reach 2x;
-a METEOR JVM kept across calls, or a paraphrase table filtered to the evaluated vocabulary, could, but neither is
-done here (the second would need proof that no alignment can change).
+Twice as fast as ``COCOEvalCap.evaluate()`` or more, with the same scores (``bench/caption_scoring.py``, 5,000
+captions x 5 references; see BENCHMARKS.md). References and candidates are tokenised in one short JVM, not two.
+METEOR, which dominates, no longer parses its whole 5.3 M-entry paraphrase table (~5.5 s) on every call: the
+table is cut to the entries these references can use (:mod:`lavis_ext.evaluation.meteor_paraphrases`, the cut
+METEOR's own FilterParaphrase tool makes; every statistic unchanged), its SCORE lines are streamed instead of
+sent one round trip at a time, large sets are split over two JVMs, and all of it runs in a thread while BLEU,
+ROUGE-L and CIDEr-D are computed. Without a JDK (``javac``) METEOR loads its full table as before.
 
 CIDEr-D takes its document frequencies from the references being evaluated, so scores on a subset or a small
 custom set are not comparable to full-split numbers (and a single image always scores 0).
@@ -98,12 +97,11 @@ def evaluate_captions(
     java, java_major = _require_java()
 
     with _work_dir(work_dir) as wd:
-        # METEOR's JVM spends ~7 s loading its paraphrase table: start it first, so that the load overlaps the
-        # tokenisation and the Python scorers instead of following them.
-        meteor = _MeteorProcess(java, wd, _meteor_timeout(len(refs))) if "METEOR" in wanted else None
+        gts, res = _tokenise_all(refs, candidates, wd, java)
+        # METEOR runs in its own JVM(s), driven from a thread that mostly waits, while the Python scorers run here.
+        meteor_job = (_Job(_meteor, java, java_major, wd, gts, res, _meteor_timeout(len(refs)))
+                      if "METEOR" in wanted else None)
         try:
-            gts, res = _tokenise_all(refs, candidates, wd, java)
-            meteor_job = meteor.score_in_thread(gts, res) if meteor is not None else None
             scores: dict = {}
             if "BLEU" in wanted:
                 from pycocoevalcap.bleu.bleu import Bleu
@@ -118,11 +116,11 @@ def evaluate_captions(
                 from pycocoevalcap.cider.cider import Cider
 
                 scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-            if meteor_job is not None:
-                scores["METEOR"] = meteor_job.result()
         finally:
-            if meteor is not None:
-                meteor.close()
+            if meteor_job is not None:
+                meteor_job.join()  # its JVMs are closed before the work dir goes
+        if meteor_job is not None:
+            scores["METEOR"] = meteor_job.result()
 
         skipped: dict[str, str] = {}
         if "SPICE" in wanted:
@@ -409,8 +407,54 @@ def _tail(data: bytes | str, limit: int = 800) -> str:
 
 
 def _meteor_timeout(num_ids: int) -> float:
-    """Seconds METEOR may take (JVM start with the paraphrase table is ~7 s on 2 cores; scoring is ~ms per id)."""
+    """Seconds METEOR may take (JVM start with the full paraphrase table is ~6 s on 2 cores; scoring ~1 ms per id)."""
     return 300.0 + 0.1 * num_ids
+
+
+# METEOR with a cut table: startup is small, so its CPU time is spent scoring, next to the Python scorers and
+# possibly a second METEOR JVM; the serial collector spends less of it (the full-table load keeps the defaults).
+_CUT_TABLE_JVM = ["-XX:+IgnoreUnrecognizedVMOptions", "-XX:+UseSerialGC"]
+# Below this many captions one JVM scores faster than two (each JVM costs ~0.4 s to start with a cut table).
+_PARALLEL_METEOR_MIN = 1000
+
+
+def _meteor(java: str, java_major: int, work_dir: str, gts: dict, res: dict, timeout: float) -> float:
+    """Corpus METEOR of ``res`` against ``gts`` with pycocoevalcap's jar, arguments and SCORE/EVAL lines.
+
+    The paraphrase table is cut to the entries these references can use (:mod:`meteor_paraphrases`: ~0.5 s to
+    start instead of ~5.5 s, same scores) and, for large sets, the SCORE lines are split over two JVMs whose
+    statistics are joined in the original order before the one EVAL line, so the sums run in the same order.
+    Where the table cannot be cut (no ``javac``), one JVM loads the full table as pycocoevalcap's does.
+    """
+    from lavis_ext.evaluation import meteor_paraphrases
+
+    lines = _meteor_score_lines(gts, res)
+    table = meteor_paraphrases.table_for(lines, work_dir, java, java_major)
+    parallel = table is not None and len(lines) >= _PARALLEL_METEOR_MIN and (os.cpu_count() or 1) >= 2
+    processes: list[_MeteorProcess] = []
+    try:
+        processes = [_MeteorProcess(java, work_dir, timeout, table) for _ in range(2 if parallel else 1)]
+        if parallel:
+            half = len(lines) // 2
+            second = _Job(processes[1].statistics, lines[half:])
+            stats = processes[0].statistics(lines[:half]) + second.result()
+        else:
+            stats = processes[0].statistics(lines)
+        return processes[0].evaluate(stats)
+    finally:
+        for process in processes:
+            process.close()
+        if table is not None:
+            table.unlink(missing_ok=True)
+
+
+def _meteor_score_lines(gts: dict, res: dict) -> list[str]:
+    """The SCORE lines ``Meteor._stat`` sends, one per id in ``gts`` order, without the newline."""
+    lines = []
+    for i in gts:
+        hypothesis = res[i][0].replace("|||", "").replace("  ", " ")  # as Meteor._stat
+        lines.append(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)))
+    return lines
 
 
 class _MeteorProcess:
@@ -418,24 +462,28 @@ class _MeteorProcess:
 
     ``Meteor.compute_score`` sends one ``SCORE`` line per image and waits for its statistics before sending the
     next (thousands of pipe round trips), then one ``EVAL`` line with all statistics. Here every ``SCORE`` line is
-    written by a feeder thread while the statistics are read back as they come, then the same ``EVAL`` line is
-    sent: the JVM sees the same lines in the same order, so the scores are identical (tested against
-    ``COCOEvalCap``). Other differences, none of which touches a score: the JVM starts in the constructor, so its
-    paraphrase-table load overlaps the caller's work; its working directory is ``work_dir`` (a crash log lands
-    there, not in site-packages) and its stderr goes to an anonymous temporary file there; the Java executable is
-    the one :func:`_require_java` found; and a watchdog kills it after ``timeout`` seconds, because the protocol
-    reads with blocking ``readline`` and a dead or stuck JVM would otherwise hang the caller.
+    written by a feeder thread while the statistics are read back as they come (:meth:`statistics`), then the same
+    ``EVAL`` line is sent (:meth:`evaluate`): the JVM sees the same lines in the same order, so the scores are
+    identical (tested against ``COCOEvalCap``). Other differences, none of which touches a score: with
+    ``paraphrase_table`` METEOR reads that cut table through its own ``-a`` option and runs with the serial
+    garbage collector (its CPU time matters when two JVMs and the Python scorers share the cores); its working
+    directory is ``work_dir`` (a crash log lands there, not in site-packages) and its stderr goes to an anonymous
+    temporary file there; the Java executable is the one :func:`_require_java` found; and a watchdog kills it
+    after ``timeout`` seconds, because the protocol reads with blocking ``readline`` and a dead or stuck JVM
+    would otherwise hang the caller.
     """
 
-    def __init__(self, java: str, work_dir: str, timeout: float):
+    def __init__(self, java: str, work_dir: str, timeout: float, paraphrase_table: Path | None = None):
         from pycocoevalcap.meteor import meteor as lib
 
         jar = Path(lib.__file__).resolve().with_name(lib.METEOR_JAR)
+        extra = [] if paraphrase_table is None else ["-a", str(paraphrase_table)]
+        flags = [] if paraphrase_table is None else _CUT_TABLE_JVM
         self.timeout = timeout
         self._stderr = tempfile.TemporaryFile(dir=work_dir)  # noqa: SIM115  (open for the JVM's lifetime)
         self._stderr_bytes = b""
         self.proc = subprocess.Popen(
-            [java, "-jar", "-Xmx2G", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"],
+            [java, *flags, "-jar", "-Xmx2G", str(jar), "-", "-", "-stdio", "-l", "en", "-norm", *extra],
             cwd=work_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
         )
         self._fired = threading.Event()
@@ -448,45 +496,53 @@ class _MeteorProcess:
         self.proc.kill()
 
     def score(self, gts: dict, res: dict) -> float:
-        """Corpus METEOR of ``res`` (one tokenised caption per key) against ``gts`` (tokenised references).
+        """Corpus METEOR of ``res`` (one tokenised caption per key) against ``gts`` (tokenised references)."""
+        return self.evaluate(self.statistics(_meteor_score_lines(gts, res)))
+
+    def statistics(self, lines: list[str]) -> list[str]:
+        """METEOR's statistics line for each SCORE line (sent all at once by a feeder thread).
 
         Raises:
             RuntimeError: the JVM died, answered garbage, or did not answer within the timeout.
         """
-        ids = list(gts)
-        lines = []
-        for i in ids:
-            hypothesis = res[i][0].replace("|||", "").replace("  ", " ")  # as Meteor._stat
-            lines.append(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)) + "\n")
+        payload = "".join(line + "\n" for line in lines).encode()
         feed_error: list[BaseException] = []
 
         def feed() -> None:
             try:
-                self.proc.stdin.write("".join(lines).encode())
+                self.proc.stdin.write(payload)
                 self.proc.stdin.flush()
             except (OSError, ValueError) as exc:  # the JVM is gone; the reader reports it
                 feed_error.append(exc)
 
         feeder = threading.Thread(target=feed, name="meteor-feed", daemon=True)
         feeder.start()
-        try:
-            stats = [self.proc.stdout.readline().decode().strip() for _ in ids]
+        with self._reporting_failures():
+            stats = [self.proc.stdout.readline().decode().strip() for _ in lines]
             feeder.join()
             if feed_error:
                 raise feed_error[0]
+            if lines and not stats[-1]:
+                raise ValueError("no statistics line")  # EOF: the JVM is gone
+        return stats
+
+    def evaluate(self, stats: list[str]) -> float:
+        """The corpus score from statistics lines (pycocoevalcap's EVAL line)."""
+        with self._reporting_failures():
             self.proc.stdin.write(("EVAL" + "".join(f" ||| {s}" for s in stats) + "\n").encode())
             self.proc.stdin.flush()
-            for _ in ids:  # per-image scores, unused
+            for _ in stats:  # per-image scores, unused
                 float(self.proc.stdout.readline().strip())
             return float(self.proc.stdout.readline().strip())
+
+    @contextlib.contextmanager
+    def _reporting_failures(self):
+        try:
+            yield
         except (ValueError, OSError) as exc:  # EOF (float(b'')) or a broken pipe: the JVM is gone
             self.close()  # first, so that stderr is complete
             why = f"did not answer within {self.timeout:g} s" if self._fired.is_set() else f"failed ({exc!r})"
             raise RuntimeError(f"METEOR {why}; java stderr: {_tail(self.stderr_text())}") from exc
-
-    def score_in_thread(self, gts: dict, res: dict) -> _Job:
-        """:meth:`score` in a thread (it mostly waits on the JVM, so the GIL is free for the Python scorers)."""
-        return _Job(self.score, gts, res)
 
     def stderr_text(self) -> bytes:
         """What the JVM wrote to stderr (complete once :meth:`close` has run)."""
@@ -517,7 +573,7 @@ class _Job(threading.Thread):
     """A function run in a thread whose result or exception :meth:`result` hands back."""
 
     def __init__(self, fn, *args):
-        super().__init__(name="meteor-score", daemon=True)
+        super().__init__(name=f"job-{getattr(fn, '__name__', 'fn')}", daemon=True)
         self._fn, self._args = fn, args
         self._value = None
         self._error: Exception | None = None
