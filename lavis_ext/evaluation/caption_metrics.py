@@ -98,9 +98,8 @@ def evaluate_captions(
 
     with _work_dir(work_dir) as wd:
         gts, res = _tokenise_all(refs, candidates, wd, java)
-        # METEOR runs in its own JVM(s), driven from a thread that mostly waits, while the Python scorers run here.
-        meteor_job = (_Job(_meteor, java, java_major, wd, gts, res, _meteor_timeout(len(refs)))
-                      if "METEOR" in wanted else None)
+        # METEOR runs in JVMs driven from threads that mostly wait; the Python scorers run here meanwhile.
+        meteor = _MeteorRun(java, java_major, wd, gts, res, _meteor_timeout(len(refs))) if "METEOR" in wanted else None
         try:
             scores: dict = {}
             if "BLEU" in wanted:
@@ -112,15 +111,17 @@ def evaluate_captions(
                 from pycocoevalcap.rouge.rouge import Rouge
 
                 scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+            if meteor is not None:
+                meteor.start_scoring()  # BLEU and ROUGE-L overlapped METEOR's normaliser
             if "CIDEr" in wanted:
                 from pycocoevalcap.cider.cider import Cider
 
                 scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+            if meteor is not None:
+                scores["METEOR"] = meteor.result()
         finally:
-            if meteor_job is not None:
-                meteor_job.join()  # its JVMs are closed before the work dir goes
-        if meteor_job is not None:
-            scores["METEOR"] = meteor_job.result()
+            if meteor is not None:
+                meteor.close()  # its JVMs stop before the work dir goes
 
         skipped: dict[str, str] = {}
         if "SPICE" in wanted:
@@ -411,41 +412,99 @@ def _meteor_timeout(num_ids: int) -> float:
     return 300.0 + 0.1 * num_ids
 
 
-# METEOR with a cut table: startup is small, so its CPU time is spent scoring, next to the Python scorers and
-# possibly a second METEOR JVM; the serial collector spends less of it (the full-table load keeps the defaults).
-_CUT_TABLE_JVM = ["-XX:+IgnoreUnrecognizedVMOptions", "-XX:+UseSerialGC"]
+# METEOR with a cut table spends its time scoring, on cores it shares with the Python scorers and a second METEOR
+# JVM: the serial collector and the client JIT alone (no C2 compiler threads) halve its CPU time for a few percent
+# more wall time on its own (the full-table load keeps the defaults: it is faster with C2). Neither touches a score.
+_CUT_TABLE_JVM = ["-XX:+IgnoreUnrecognizedVMOptions", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"]
 # Below this many captions one JVM scores faster than two (each JVM costs ~0.4 s to start with a cut table).
 _PARALLEL_METEOR_MIN = 1000
 
 
-def _meteor(java: str, java_major: int, work_dir: str, gts: dict, res: dict, timeout: float) -> float:
-    """Corpus METEOR of ``res`` against ``gts`` with pycocoevalcap's jar, arguments and SCORE/EVAL lines.
+class _MeteorRun:
+    """Corpus METEOR of ``res`` against ``gts`` with pycocoevalcap's jar, arguments and SCORE lines, in steps.
 
-    The paraphrase table is cut to the entries these references can use (:mod:`meteor_paraphrases`: ~0.5 s to
-    start instead of ~5.5 s, same scores) and, for large sets, the SCORE lines are split over two JVMs whose
-    statistics are joined in the original order before the one EVAL line, so the sums run in the same order.
-    Where the table cannot be cut (no ``javac``), one JVM loads the full table as pycocoevalcap's does.
+    The paraphrase table is cut to the entries these references can use (:mod:`meteor_paraphrases`: METEOR
+    starts in ~0.5 s instead of ~5.5 s, with the same scores). The cut needs the references' words from METEOR's
+    own normaliser (a JVM, started here in a thread); the caller runs a Python scorer meanwhile, then calls
+    :meth:`start_scoring`, which cuts the table (a short burst that would crawl while another thread holds the
+    GIL) and starts scoring in threads. For large sets the SCORE lines go to two JVMs whose statistics are
+    joined in the original order. Where the table cannot be cut (no ``javac``), one JVM loads the full table
+    at once, as pycocoevalcap's does.
     """
-    from lavis_ext.evaluation import meteor_paraphrases
 
-    lines = _meteor_score_lines(gts, res)
-    table = meteor_paraphrases.table_for(lines, work_dir, java, java_major)
-    parallel = table is not None and len(lines) >= _PARALLEL_METEOR_MIN and (os.cpu_count() or 1) >= 2
-    processes: list[_MeteorProcess] = []
-    try:
-        processes = [_MeteorProcess(java, work_dir, timeout, table) for _ in range(2 if parallel else 1)]
-        if parallel:
-            half = len(lines) // 2
-            second = _Job(processes[1].statistics, lines[half:])
-            stats = processes[0].statistics(lines[:half]) + second.result()
+    def __init__(self, java: str, java_major: int, work_dir: str, gts: dict, res: dict, timeout: float):
+        from lavis_ext.evaluation import meteor_paraphrases
+
+        self.java, self.work_dir, self.timeout = java, work_dir, timeout
+        self.lines = _meteor_score_lines(gts, res)
+        self.processes: list[_MeteorProcess] = []
+        self.table: Path | None = None
+        self._scoring: list[_Job] | None = None
+        self._cutter = meteor_paraphrases.TableCutter.create(java, java_major)
+        if self._cutter is None:
+            self._words = None
+            self.start_scoring()
         else:
-            stats = processes[0].statistics(lines)
-        return processes[0].evaluate(stats)
-    finally:
-        for process in processes:
+            self._words = _Job(self._cutter.reference_word_ids, self.lines, work_dir)
+
+    def start_scoring(self) -> None:
+        """Cut the table (if it can be cut), start the JVM(s) and send them the SCORE lines (idempotent)."""
+        if self._scoring is not None:
+            return
+        word_ids = self._words.result() if self._words is not None else None
+        self.table = self._cutter.write(word_ids, self.work_dir) if word_ids is not None else None
+        parallel = (self.table is not None and len(self.lines) >= _PARALLEL_METEOR_MIN
+                    and (os.cpu_count() or 1) >= 2)
+        self.processes = [_MeteorProcess(self.java, self.work_dir, self.timeout, self.table)
+                          for _ in range(2 if parallel else 1)]
+        half = len(self.lines) // 2 if parallel else len(self.lines)
+        parts = [self.lines[:half], self.lines[half:]][:len(self.processes)]
+        self._scoring = [_Job(p.statistics, part) for p, part in zip(self.processes, parts)]
+
+    def result(self) -> float:
+        self.start_scoring()
+        stats = [line for job in self._scoring for line in job.result()]
+        return self.processes[0].evaluate(stats)
+
+    def close(self) -> None:
+        if self._words is not None:
+            self._words.join()
+        for process in self.processes:
             process.close()
-        if table is not None:
-            table.unlink(missing_ok=True)
+        for job in self._scoring or []:
+            job.join()
+        if self.table is not None:
+            self.table.unlink(missing_ok=True)
+
+
+def _summed_statistics(stats: list[str]) -> str | None:
+    """METEOR's EVAL total of statistics lines as one line, or None unless every value is a whole number < 2**52.
+
+    A line holds lengths (test, reference), function words (test, reference), then per module stage the matched
+    content and function words (test, reference, test, reference), then chunks and matched words (test,
+    reference). ``MeteorStats.addStats`` sums every field, except that a segment matched completely in one chunk
+    adds no chunk; that rule is applied here. Whole numbers make every sum exact in any order.
+    """
+    import numpy as np
+
+    rows = [line.split() for line in stats]
+    width = len(rows[0]) if rows else 0
+    stages = (width - 7) // 4
+    if stages < 1 or width != 7 + 4 * stages or any(len(row) != width for row in rows):
+        return None
+    try:
+        values = np.array(rows, dtype=np.float64)
+    except ValueError:
+        return None
+    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)) or np.any(np.abs(values) >= 2**52):
+        return None
+    matched = values[:, 4:4 + 4 * stages]
+    test_total = matched[:, 0::4].sum(axis=1) + matched[:, 2::4].sum(axis=1)
+    reference_total = matched[:, 1::4].sum(axis=1) + matched[:, 3::4].sum(axis=1)
+    chunks = 4 + 4 * stages
+    whole = (test_total == values[:, 0]) & (reference_total == values[:, 1]) & (values[:, chunks] == 1)
+    values[whole, chunks] = 0
+    return " ".join(repr(float(total)) for total in values.sum(axis=0))
 
 
 def _meteor_score_lines(gts: dict, res: dict) -> list[str]:
@@ -527,11 +586,20 @@ class _MeteorProcess:
         return stats
 
     def evaluate(self, stats: list[str]) -> float:
-        """The corpus score from statistics lines (pycocoevalcap's EVAL line)."""
+        """The corpus score from statistics lines, by METEOR's EVAL command.
+
+        pycocoevalcap sends every statistics line; METEOR parses each with a ``java.util.Scanner`` (~0.8 s for
+        5,000 lines), adds them up (``MeteorStats.addStats``) and scores the total. The fields are word and match
+        counts, so when every value is a whole number the total is exact in any order: one EVAL line holding it
+        (:func:`_summed_statistics`) gives METEOR the very same total, and score, at once. Otherwise every line
+        is sent, as pycocoevalcap does.
+        """
+        summed = _summed_statistics(stats)
+        lines = stats if summed is None else [summed]
         with self._reporting_failures():
-            self.proc.stdin.write(("EVAL" + "".join(f" ||| {s}" for s in stats) + "\n").encode())
+            self.proc.stdin.write(("EVAL" + "".join(f" ||| {s}" for s in lines) + "\n").encode())
             self.proc.stdin.flush()
-            for _ in stats:  # per-image scores, unused
+            for _ in lines:  # per-line scores, unused
                 float(self.proc.stdout.readline().strip())
             return float(self.proc.stdout.readline().strip())
 

@@ -455,3 +455,35 @@ def test_meteor_process_reports_a_jvm_that_dies(tmp_path):
         meteor.score({0: ["a cat"]}, {0: ["a cat"]})
     meteor.close()  # idempotent
     assert meteor.proc.poll() is not None and list(tmp_path.iterdir()) == []
+
+
+@needs_java
+def test_one_summed_eval_line_gives_the_score_of_all_statistics_lines(tmp_path):
+    # perfect single-chunk segments (their chunk is not counted), partial matches, synonyms, an empty hypothesis
+    refs = [["a dog runs on the grass"], ["two cats sleep on a red sofa", "cats on a couch"], ["a man rides a horse"],
+            ["a big automobile parked next to the flag"], ["the quick brown fox jumps"], ["a plate of food"]]
+    hyps = ["a dog runs on the grass", "two cats sleeping on a couch", "a horse ridden by a man",
+            "a large car parked by a flag", "", "a plate of food"]
+    lines = cm._meteor_score_lines(dict(enumerate(refs)), {i: [h] for i, h in enumerate(hyps)})
+    process = cm._MeteorProcess("java", str(tmp_path), timeout=300)
+    try:
+        stats = process.statistics(lines)
+        assert cm._summed_statistics(stats) is not None
+        one_line = process.evaluate(stats)
+        process.proc.stdin.write(("EVAL" + "".join(f" ||| {s}" for s in stats) + "\n").encode())  # pycocoevalcap's
+        process.proc.stdin.flush()
+        for _ in stats:
+            process.proc.stdout.readline()
+        every_line = float(process.proc.stdout.readline())
+    finally:
+        process.close()
+    assert one_line == every_line
+    assert 0 < one_line < 1
+
+
+def test_statistics_that_are_not_whole_numbers_are_not_summed():
+    line = " ".join(["2.0"] * 23)
+    assert cm._summed_statistics([line, line]) is not None
+    assert cm._summed_statistics([line.replace("2.0", "0.5", 1)]) is None
+    assert cm._summed_statistics([line, "1.0 2.0"]) is None
+    assert cm._summed_statistics([]) is None

@@ -1,40 +1,62 @@
 /*
- * Reads METEOR 1.5 `SCORE ||| ref ||| ... ||| hypothesis` lines and prints every reference the way METEOR's
- * scorer sees it under `-l en -norm` (the words it aligns), one per output line.
+ * Reads METEOR 1.5 `SCORE ||| ref ||| ... ||| hypothesis` lines and writes the words of every reference, as METEOR's
+ * scorer sees them under `-l <language> -norm`, as ids into the paraphrase index's word list.
  *
- * Why a helper of our own: METEOR's scorer normalises each line with Normalizer.normalizeLine(line, langID, true)
- * and then lower-cases it (MeteorScorer.getMeteorStats, normalization level 2 = `-norm`), but exposes that text
- * only through its alignment file, which costs an alignment per line. lavis_ext needs the words to cut the
- * paraphrase table down to the phrases those references contain (lavis_ext/evaluation/meteor_paraphrases.py), and
- * only METEOR's own normaliser gives them exactly. Compiled once against meteor-1.5.jar into the cache directory.
+ * Why a helper of our own: METEOR's scorer normalises each reference with Normalizer.normalizeLine(line, langID,
+ * true), lower-cases it (MeteorScorer.getMeteorStats, normalization level 2 = `-norm`) and splits it into words
+ * with java.util.StringTokenizer (Alignment), but exposes those words only through its alignment file, which costs
+ * an alignment per line. lavis_ext needs them to cut the paraphrase table down to the phrases the references
+ * contain (lavis_ext/evaluation/meteor_paraphrases.py), and only METEOR's own code gives them exactly. Compiled
+ * once against meteor-1.5.jar into the cache directory.
  *
- * Usage: java -cp meteor-1.5.jar:<dir> MeteorNormalize [language] < score_lines.txt > references.txt   (UTF-8)
+ * Usage: java -cp meteor-1.5.jar:<dir> MeteorNormalize <language> <words.txt> < score_lines.txt > ids.bin
+ *   words.txt: UTF-8, one word per line, line i is word id i.
+ *   ids.bin: big-endian int32 per word (-1 for a word not in the list), then -1 after each reference.
  */
+import java.io.BufferedOutputStream;
 import java.io.BufferedReader;
-import java.io.BufferedWriter;
+import java.io.DataOutputStream;
+import java.io.FileInputStream;
 import java.io.IOException;
 import java.io.InputStreamReader;
-import java.io.OutputStreamWriter;
-import java.io.Writer;
 import java.nio.charset.StandardCharsets;
+import java.util.HashMap;
+import java.util.StringTokenizer;
 
 import edu.cmu.meteor.scorer.MeteorConfiguration;
 import edu.cmu.meteor.util.Normalizer;
 
 public class MeteorNormalize {
+    private static final int NO_WORD = -1;
+
     public static void main(String[] args) throws IOException {
         MeteorConfiguration config = new MeteorConfiguration();
-        config.setLanguage(args.length > 0 ? args[0] : "en");  // as `-l en` does
+        config.setLanguage(args[0]);  // as `-l <language>` does
         int langID = config.getLangID();
+
+        HashMap<String, Integer> ids = new HashMap<>();
+        try (BufferedReader words = new BufferedReader(
+                new InputStreamReader(new FileInputStream(args[1]), StandardCharsets.UTF_8))) {
+            String word;
+            while ((word = words.readLine()) != null) {
+                ids.put(word, ids.size());
+            }
+        }
+
         BufferedReader in = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
-        Writer out = new BufferedWriter(new OutputStreamWriter(System.out, StandardCharsets.UTF_8), 1 << 16);
+        DataOutputStream out = new DataOutputStream(new BufferedOutputStream(System.out, 1 << 16));
         String line;
         while ((line = in.readLine()) != null) {
             // The same split and trim as Meteor's -stdio SCORE command: parts 1..n-2 are the references.
             String[] parts = line.split("\\|\\|\\|");
             for (int i = 1; i < parts.length - 1; i++) {
-                out.write(Normalizer.normalizeLine(parts[i].trim(), langID, true).toLowerCase());
-                out.write('\n');
+                String words = Normalizer.normalizeLine(parts[i].trim(), langID, true).toLowerCase();
+                StringTokenizer tokens = new StringTokenizer(words);
+                while (tokens.hasMoreTokens()) {
+                    Integer id = ids.get(tokens.nextToken());
+                    out.writeInt(id == null ? NO_WORD : id);
+                }
+                out.writeInt(NO_WORD);
             }
         }
         out.flush();
