@@ -14,7 +14,8 @@ references are normalised and the table cut again each time.
 The captions are synthetic and deterministic (seeded): 8-16 words from COCO-like templates, mixed case and
 punctuation, with two vocabularies: ~100 template words ("small"), or most nouns drawn by a Zipf law from 10,000
 WordNet lemmas shipped in METEOR's jar ("large": ~7,000 distinct words in 5,000 x 5 captions, the size of a COCO
-test split's, so METEOR's paraphrase cut keeps ~10x more entries). Runs alternate peer/ours so that load changes on a shared machine hit both. Prints median/min/max of
+test split's, so METEOR's paraphrase cut keeps ~10x more entries).
+Runs alternate peer/ours so that load changes on a shared machine hit both. Prints median/min/max of
 ``--runs`` runs each for wall time and for CPU time (this process plus its Java children: load-independent on a
 shared machine), the ratios of the medians, and the largest score difference (must be <= 1e-9).
 Usage: python bench/caption_scoring.py [--quick] [--runs 3] [--json OUT] [--images 5000] [--refs 5]
@@ -160,8 +161,8 @@ def prepare_meteor_index() -> str:
     index = meteor_paraphrases.load_index()
     elapsed = time.perf_counter() - start
     built = index.build_seconds
-    print(f"METEOR paraphrase index: {index.num_entries:,} entries, "
-          + (f"built now in {elapsed:.1f} s" if elapsed > 5 else f"loaded in {elapsed:.2f} s (built once in {built:.0f} s)"))
+    how = f"built now in {elapsed:.1f} s" if elapsed > 5 else f"loaded in {elapsed:.2f} s (built once in {built:.0f} s)"
+    print(f"METEOR paraphrase index: {index.num_entries:,} entries, {how}")
     return f"one-time index of the full table: {built:.0f} s on first use"
 
 

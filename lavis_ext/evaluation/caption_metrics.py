@@ -18,8 +18,9 @@ captions x 5 references; see BENCHMARKS.md). References and candidates are token
 METEOR, which dominates, no longer parses its whole 5.3 M-entry paraphrase table (~5.5 s) on every call: the
 table is cut to the entries these references can use (:mod:`lavis_ext.evaluation.meteor_paraphrases`, the cut
 METEOR's own FilterParaphrase tool makes; every statistic unchanged), its SCORE lines are streamed instead of
-sent one round trip at a time, large sets are split over two JVMs, and all of it runs in a thread while BLEU,
-ROUGE-L and CIDEr-D are computed. Without a JDK (``javac``) METEOR loads its full table as before.
+sent one round trip at a time, large sets are split over two JVMs, and one EVAL line carries the summed
+statistics (:func:`_summed_statistics`). METEOR's normaliser runs while BLEU and ROUGE-L are computed and its
+scoring while CIDEr-D is (:class:`_MeteorRun`). Without a JDK (``javac``) METEOR loads its full table as before.
 
 CIDEr-D takes its document frequencies from the references being evaluated, so scores on a subset or a small
 custom set are not comparable to full-split numbers (and a single image always scores 0).
@@ -521,11 +522,12 @@ class _MeteorProcess:
 
     ``Meteor.compute_score`` sends one ``SCORE`` line per image and waits for its statistics before sending the
     next (thousands of pipe round trips), then one ``EVAL`` line with all statistics. Here every ``SCORE`` line is
-    written by a feeder thread while the statistics are read back as they come (:meth:`statistics`), then the same
-    ``EVAL`` line is sent (:meth:`evaluate`): the JVM sees the same lines in the same order, so the scores are
-    identical (tested against ``COCOEvalCap``). Other differences, none of which touches a score: with
-    ``paraphrase_table`` METEOR reads that cut table through its own ``-a`` option and runs with the serial
-    garbage collector (its CPU time matters when two JVMs and the Python scorers share the cores); its working
+    written by a feeder thread while the statistics are read back as they come (:meth:`statistics`), then one
+    ``EVAL`` line (:meth:`evaluate`, which sums the statistics where that is exact): the JVM sees the same SCORE
+    lines in the same order and reaches the same total, so the scores are identical (tested against
+    ``COCOEvalCap``). Other differences, none of which touches a score: with ``paraphrase_table`` METEOR reads
+    that cut table through its own ``-a`` option and runs with the serial collector and the client JIT
+    (``_CUT_TABLE_JVM``: its CPU time matters when two JVMs and the Python scorers share the cores); its working
     directory is ``work_dir`` (a crash log lands there, not in site-packages) and its stderr goes to an anonymous
     temporary file there; the Java executable is the one :func:`_require_java` found; and a watchdog kills it
     after ``timeout`` seconds, because the protocol reads with blocking ``readline`` and a dead or stuck JVM
