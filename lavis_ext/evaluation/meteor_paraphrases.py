@@ -214,7 +214,7 @@ def _phrase_hashes(word_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 class _Index:
-    """The parsed table: entry e has phrases 2e and 2e+1, each a run of word ids, plus its probability."""
+    """The parsed table: entry e has phrases 2e and 2e+1, each a run of word ids, plus its probability line."""
 
     def __init__(self, folder: Path):
         self.words_file = folder / "words.txt"
@@ -245,7 +245,7 @@ class _Index:
             return cls._loaded[digest]
         folder = cache_root() / f"paraphrase-en-v{INDEX_VERSION}-{digest[:16]}"
         if not (folder / "meta.json").is_file():
-            logger.info("indexing METEOR's paraphrase table once (~10-30 s) into %s", folder)
+            logger.info("indexing METEOR's paraphrase table once (~30-45 s) into %s", folder)
             _build_index(source, folder, digest)
         cls._loaded[digest] = index = cls(folder)
         return index
