@@ -14,12 +14,11 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import add_common_args, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
+from common import add_common_args, print_rows, resolve_runs, row, stat, time_calls, write_json  # noqa: E402
 
 
 def tiny_blip2():
@@ -87,15 +86,6 @@ def ours_load(path, model, optimizer):
     apply_optimizer(optimizer, tensors, meta, path)
 
 
-def timed(fn, runs):
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
 def main(argv=None):
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), runs=5, quick_runs=3)
     parser.add_argument("--mparams", type=float, default=25.0)
@@ -116,10 +106,10 @@ def main(argv=None):
         for name, model in models.items():
             optimizer = stepped(model)
             ours, theirs = Path(tmp) / "c.safetensors", Path(tmp) / "c.pth"
-            s_ours = timed(lambda: ours_save(ours, model, optimizer, config), runs)
-            s_lavis = timed(lambda: lavis_save(theirs, model, optimizer, config), runs)
-            l_ours = timed(lambda: ours_load(ours, model, optimizer), runs)
-            l_lavis = timed(lambda: lavis_load(theirs, model, optimizer), runs)
+            s_ours = time_calls(lambda: ours_save(ours, model, optimizer, config), runs, warmup=0)
+            s_lavis = time_calls(lambda: lavis_save(theirs, model, optimizer, config), runs, warmup=0)
+            l_ours = time_calls(lambda: ours_load(ours, model, optimizer), runs, warmup=0)
+            l_lavis = time_calls(lambda: lavis_load(theirs, model, optimizer), runs, warmup=0)
             size = f"{ours.stat().st_size / 1e6:.1f} MB ours / {theirs.stat().st_size / 1e6:.1f} MB LAVIS"
             rows.append(row(f"checkpoint save, {name} ({size})", "s", stat("full-state safetensors", s_ours),
                             stat("LAVIS torch.save", s_lavis), higher_is_better=False,

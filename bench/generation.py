@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from common import add_common_args, require_data, resolve_runs, setup_paths, stat, write_json  # noqa: E402
+from common import (add_common_args, interleaved, require_data, resolve_runs, row, setup_paths, stat,  # noqa: E402
+                    write_json)
 
 WIDE_OPT = {"hidden_size": 256, "ffn_dim": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
             "word_embed_proj_dim": 256, "max_position_embeddings": 128, "dropout": 0.0}
@@ -90,24 +90,15 @@ def main(argv=None) -> int:
         with torch.no_grad():
             same = run_ours() == run_peer()[0]  # also the warm-up
             new_tokens = run_peer()[1]
-            times = {"ours": [], "peer": []}
-            sides = [("ours", run_ours), ("peer", run_peer)]
-            for run in range(runs):  # the order flips every run, so neither side always goes first
-                for side, fn in sides if run % 2 == 0 else sides[::-1]:
-                    t = time.perf_counter()
-                    fn()
-                    times[side].append(batch / (time.perf_counter() - t))
-        o, p = stat("", times["ours"]), stat("", times["peer"])
-        ratio = o["median"] / p["median"]
-        rows.append({
-            "what": f"caption generation, {label}, max {MAX_NEW_TOKENS} new tokens (BLIP-2 OPT 256x4, CPU {args.threads} threads)",
-            "unit": "captions/s", "higher_is_better": True,
-            "ours": {**o, "label": "lavis_ext Blip2OPTExt.generate"},
-            "peer": {**p, "label": "transformers Blip2ForConditionalGeneration.generate"},
-            "ratio": ratio, "target": 1.0, "met": ratio >= 1.0,
-            "note": f"same captions: {same}; {new_tokens} new tokens; {runs} runs per side, alternating"
-                    + ("" if ratio >= 1.0 else NOISE_NOTE),
-        })
+            seconds = interleaved({"ours": run_ours, "peer": run_peer}, runs, warmup=0)
+        o = stat("lavis_ext Blip2OPTExt.generate", [batch / t for t in seconds["ours"]])
+        p = stat("transformers Blip2ForConditionalGeneration.generate", [batch / t for t in seconds["peer"]])
+        r = row(f"caption generation, {label}, max {MAX_NEW_TOKENS} new tokens (BLIP-2 OPT 256x4, CPU {args.threads} "
+                "threads)", "captions/s", o, p, target=1.0,
+                note=f"same captions: {same}; {new_tokens} new tokens; {runs} runs per side, alternating")
+        ratio = r["ratio"]
+        r["note"] += "" if ratio >= 1.0 else NOISE_NOTE
+        rows.append(r)
         print(f"{label:18s} ours {o['median']:8.2f}  peer {p['median']:8.2f} captions/s  ratio {ratio:.3f}  same={same}",
               flush=True)
     write_json(args.json, "generation", rows, argv)

@@ -20,7 +20,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from common import add_common_args, require_data, resolve_runs, setup_paths, stat, write_json  # noqa: E402
+from common import (add_common_args, interleaved, require_data, resolve_runs, row, setup_paths, stat,  # noqa: E402
+                    write_json)
 
 IMAGE_SIZE = 224
 WIDE_IMAGE_SIDE = {
@@ -75,22 +76,15 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 diff = float((encoder(pixel) - run_torch()).abs().max())  # also the warm-up
                 run_torch(), encoder(pixel)
-                times = {"ours": [], "peer": []}
-                for _ in range(runs):
-                    for side, fn in (("ours", run_onnx), ("peer", run_torch)):
-                        t = time.perf_counter()
-                        fn()
-                        times[side].append(batch / (time.perf_counter() - t))
-            o, p = stat("", times["ours"]), stat("", times["peer"])
-            ratio = o["median"] / p["median"]
-            rows.append({
-                "what": f"image -> LLM prefix, batch {batch} (EVA ViT 256x6 @224px + Q-Former 256x4, CPU {args.threads} thread(s))",
-                "unit": "images/s", "higher_is_better": True,
-                "ours": {**o, "label": "lavis_ext ONNX export on onnxruntime"},
-                "peer": {**p, "label": "same model, PyTorch eager"},
-                "ratio": ratio, "target": 1.0, "met": ratio >= 1.0,
-                "note": f"max |onnxruntime - torch| = {diff:.2e}; export took {export_s:.1f} s; {runs} runs per side, alternating",
-            })
+                seconds = interleaved({"ours": run_onnx, "peer": run_torch}, runs, warmup=0)
+            o = stat("lavis_ext ONNX export on onnxruntime", [batch / t for t in seconds["ours"]])
+            p = stat("same model, PyTorch eager", [batch / t for t in seconds["peer"]])
+            rows.append(row(
+                f"image -> LLM prefix, batch {batch} (EVA ViT 256x6 @224px + Q-Former 256x4, CPU {args.threads} "
+                "thread(s))", "images/s", o, p, target=1.0,
+                note=f"max |onnxruntime - torch| = {diff:.2e}; export took {export_s:.1f} s; {runs} runs per side, "
+                     "alternating"))
+            ratio = rows[-1]["ratio"]
             print(f"batch {batch:2d}: onnxruntime {o['median']:8.2f}  torch {p['median']:8.2f} images/s  ratio {ratio:.3f}"
                   f"  max diff {diff:.1e}", flush=True)
     write_json(args.json, "onnx_image_encoder", rows, argv)

@@ -25,15 +25,16 @@ Usage: python bench/serving.py [--quick] [--runs N] [--json OUT] [--threads 1] [
 import argparse
 import asyncio
 import io
-import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = REPO / "projects/tiny/caption_opt.yaml"
@@ -166,15 +167,8 @@ def tokenizer_root(tmp: Path) -> str:
     return str(tmp / "synthetic")
 
 
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 runs, fewer requests (< 3 min on 2 cores)")
-    parser.add_argument("--runs", type=int, default=None, help="alternating peer/ours runs (default 3; quick 2)")
-    parser.add_argument("--json", default=None, help="write the rows here")
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), runs=3, quick_runs=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server (default 1)")
     parser.add_argument("--max-batch", type=int, default=16, help="our server's --max-batch (default 16, its default)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="our server's --max-wait-ms (default 5, its default)")
@@ -188,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_baseline(args.port, args.threads, args.style, WIDEN)
         return 0
 
-    runs = args.runs or (2 if args.quick else 3)
+    runs = resolve_runs(args)
     requests = {1: 12, 8: 48, 32: 96} if args.quick else {1: 24, 8: 96, 32: 192}
     images = test_images()
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,38 +229,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"workers {args.workers})")
     for clients in CLIENTS:
         for peer in PEERS if clients == 32 else ("peer",):
-            ours = summary([m["throughput"] for m in results["ours"][clients]])
-            theirs = summary([m["throughput"] for m in results[peer][clients]])
-            ratio = ours["median"] / theirs["median"]
-            target = 4.0 if clients == 32 else None
-            rows.append({
-                "what": f"caption throughput, {clients} concurrent client(s), vs {PEERS[peer]} handler",
-                "unit": "req/s", "higher_is_better": True,
-                "ours": {"label": ours_label, **ours}, "peer": {"label": PEER_LABELS[peer], **theirs},
-                "ratio": ratio, "target": target, "met": None if target is None else ratio >= target,
-                "note": f"{requests[clients]} requests per run, {runs} run(s), torch threads {args.threads}",
-            })
+            rows.append(row(
+                f"caption throughput, {clients} concurrent client(s), vs {PEERS[peer]} handler", "req/s",
+                stat(ours_label, [m["throughput"] for m in results["ours"][clients]]),
+                stat(PEER_LABELS[peer], [m["throughput"] for m in results[peer][clients]]),
+                target=4.0 if clients == 32 else None,
+                note=f"{requests[clients]} requests per run, {runs} run(s), torch threads {args.threads}"))
     for peer, style in PEERS.items():
         for key, target in (("p50", None), ("p99", 1.0)):
-            ours = summary([m[key] for m in results["ours"][32]])
-            theirs = summary([m[key] for m in results[peer][32]])
-            ratio = theirs["median"] / ours["median"]
-            rows.append({
-                "what": f"{key} latency, 32 concurrent clients, vs {style} handler",
-                "unit": "ms", "higher_is_better": False,
-                "ours": {"label": ours_label, **ours}, "peer": {"label": PEER_LABELS[peer], **theirs},
-                "ratio": ratio, "target": target, "met": None if target is None else ratio >= target,
-                "note": f"ratio = peer / ours; {requests[32]} requests per run",
-            })
-
-    print(f"\n{'what':62s} {'unit':6s} {'ours':>10s} {'peer':>10s} {'ratio':>7s} {'target':>7s}")
-    for row in rows:
-        target = "" if row["target"] is None else f"{row['target']:.1f}" + (" ok" if row["met"] else " MISS")
-        print(f"{row['what']:62s} {row['unit']:6s} {row['ours']['median']:10.2f} {row['peer']['median']:10.2f} "
-              f"{row['ratio']:7.2f} {target:>7s}")
-    if args.json:
-        command = "python bench/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        Path(args.json).write_text(json.dumps({"bench": "serving", "command": command.strip(), "rows": rows}, indent=2))
+            rows.append(row(
+                f"{key} latency, 32 concurrent clients, vs {style} handler", "ms",
+                stat(ours_label, [m[key] for m in results["ours"][32]]),
+                stat(PEER_LABELS[peer], [m[key] for m in results[peer][32]]),
+                higher_is_better=False, target=target, note=f"ratio = peer / ours; {requests[32]} requests per run"))
+    print_rows(rows)
+    write_json(args.json, "serving", rows, argv)
     return 0
 
 
