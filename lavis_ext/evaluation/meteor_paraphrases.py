@@ -202,10 +202,9 @@ def _publish(build: Path, target: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------------------------
-def _phrase_hashes(word_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """64-bit hash of each phrase's word-id sequence (wrapping arithmetic), phrases given by their lengths."""
-    starts = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
+def _phrase_hashes(word_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """64-bit hash of each phrase's word-id sequence (wrapping arithmetic); phrase i is
+    ``word_ids[starts[i]:starts[i] + lengths[i]]``."""
     hashes = np.zeros(len(lengths), dtype=np.uint64)
     for k in range(int(lengths.max(initial=0))):
         has = lengths > k
@@ -367,7 +366,8 @@ def _build_index(source: Path, folder: Path, digest: str) -> None:
         word.decode("utf-8")  # METEOR reads the table as UTF-8; a malformed word raises (no index, full table)
     word_ids = np.concatenate(id_chunks)
     lengths = np.concatenate(length_chunks)
-    hashes = _phrase_hashes(word_ids, lengths)
+    starts = np.cumsum(lengths, dtype=np.int64) - lengths
+    hashes = _phrase_hashes(word_ids, starts, lengths)
     order = np.argsort(hashes, kind="stable")
     folder.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
@@ -375,8 +375,7 @@ def _build_index(source: Path, folder: Path, digest: str) -> None:
         (build / "words.txt").write_bytes(b"\n".join(word_id))  # dicts keep insertion order: id i is line i
         np.save(build / "word_ids.npy", word_ids.astype(np.uint16 if len(word_id) < 2**16 else np.uint32))
         np.save(build / "phrase_lengths.npy", lengths)
-        np.save(build / "phrase_starts.npy", (np.cumsum(lengths, dtype=np.int64) - lengths).astype(
-            np.uint32 if len(word_ids) < 2**32 else np.int64))
+        np.save(build / "phrase_starts.npy", starts.astype(np.uint32 if len(word_ids) < 2**32 else np.int64))
         probability_text = b"".join(probability_chunks)
         np.save(build / "text.npy", np.frombuffer(probability_text + b"".join(w + b" " for w in word_id), np.uint8))
         line_ends = np.flatnonzero(np.frombuffer(probability_text, dtype=np.uint8) == ord("\n")) + 1
