@@ -6,7 +6,8 @@ and its SPICE step downloads Stanford CoreNLP on first use. Here the same steps 
 
 1. PTB tokenisation of candidates and references: the bundled Stanford CoreNLP 3.4.1 jar with
    ``-preserveLines -lowerCase`` and pycocoevalcap's own ``PUNCTUATIONS`` list (:func:`ptb_tokenize`);
-2. pycocoevalcap's ``Bleu(4)``, ``Rouge()`` and ``Cider()`` classes, unchanged, and its METEOR 1.5 jar with the
+2. pycocoevalcap's ``Bleu(4)`` and ``Rouge()`` classes, unchanged; its ``Cider()`` formula vectorised with numpy
+   (:mod:`lavis_ext.evaluation.cider`, the same numbers to ~1e-15, 8-9x faster); its METEOR 1.5 jar with the
    same command line and line protocol (:class:`_MeteorProcess`);
 3. SPICE only where the CoreNLP 3.6.0 jars are already present; it is never downloaded.
 
@@ -115,9 +116,7 @@ def evaluate_captions(
             if meteor is not None:
                 meteor.start_scoring()  # BLEU and ROUGE-L overlapped METEOR's normaliser
             if "CIDEr" in wanted:
-                from pycocoevalcap.cider.cider import Cider
-
-                scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+                scores["CIDEr"] = _cider_d(gts, res)
             if meteor is not None:
                 scores["METEOR"] = meteor.result()
         finally:
@@ -173,7 +172,7 @@ def best_constant_caption(
         ValueError: no references, ``top_k < 1``, or no non-empty candidate.
         RuntimeError: Java is missing or broken, or PTB tokenisation failed.
     """
-    from pycocoevalcap.cider.cider import Cider
+    from lavis_ext.evaluation.cider import CiderD, TooManyWords
 
     _, refs = _normalise_references(references)
     if candidates is None:
@@ -193,12 +192,33 @@ def best_constant_caption(
     if not raw:
         raise ValueError("no candidate caption to try: pass non-empty `candidates` or references with words in them")
 
+    try:
+        scorer = CiderD(gts).score  # the references' side once for all candidates
+    except TooManyWords:
+        from pycocoevalcap.cider.cider import Cider
+
+        def scorer(res):
+            return Cider().compute_score(gts, res)
+
     best: tuple[str, float] | None = None
     for caption, tokens in zip(raw, tokenised):
-        score = float(Cider().compute_score(gts, {i: [tokens] for i in gts})[0])
+        score = float(scorer({i: [tokens] for i in gts})[0])
         if best is None or score > best[1]:
             best = (caption, score)
     return best
+
+
+def _cider_d(gts: dict, res: dict) -> float:
+    """pycocoevalcap's CIDEr-D number, vectorised (:mod:`lavis_ext.evaluation.cider`); pycocoevalcap's own class
+    where the vocabulary is beyond the vectorised keys' reach."""
+    from lavis_ext.evaluation.cider import TooManyWords, cider_d
+
+    try:
+        return float(cider_d(gts, res))
+    except TooManyWords:
+        from pycocoevalcap.cider.cider import Cider
+
+        return float(Cider().compute_score(gts, res)[0])
 
 
 def ptb_tokenize(
