@@ -8,6 +8,11 @@ and runs each group through the predictor's batch API (``caption`` / ``answer`` 
 one worker thread. The event loop never runs model code, so uploads, health checks and new requests keep
 flowing while a batch is computing, and they pile up into the next batch.
 
+The wait is adaptive: a new batch waits for company only while requests usually arrive to find other
+requests in flight (an exponential average of that count, :meth:`MicroBatcher.wait_for_company`). A lone
+client sending one request after another, or sparse traffic, gets no wait at all, so one client is never
+slower than an unbatched server; under concurrent load the batch fills as before.
+
 One worker thread by default: on a GPU, or on a CPU where torch's intra-op threads already use every
 core, a second concurrent forward pass only competes for the same hardware. For small models on a CPU,
 where one forward pass cannot keep several cores busy, ``workers=N`` runs up to N batches at once (each
@@ -87,7 +92,8 @@ class MicroBatcher:
     Args:
         predictor: a ``lavis_ext.inference.Blip2Predictor`` (anything with its ``caption``/``answer``).
         max_batch: most jobs per forward pass.
-        max_wait_ms: longest a job waits for company before its batch starts.
+        max_wait_ms: longest a job waits for company before its batch starts (only under concurrent load; see
+            the module docstring).
         max_queue: waiting jobs beyond which ``submit`` fails with ``QueueFullError`` (back-pressure).
         workers: forward passes that may run at once (worker threads); see the module docstring.
     """
@@ -108,6 +114,8 @@ class MicroBatcher:
         self.max_queue = int(max_queue)
         self.workers = int(workers)
         self.stats = BatchStats()
+        self._in_flight = 0  # jobs submitted and not yet answered
+        self._mean_company = 0.0  # average of _in_flight seen by each new request (other requests' jobs)
         self._queue: asyncio.Queue | None = None
         self._collector: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -188,7 +196,10 @@ class MicroBatcher:
             )
         loop = asyncio.get_running_loop()
         jobs = [_Job(task, image, text, decoding, loop.create_future()) for image, text in zip(images, texts)]
+        self._note_arrival()
         for job in jobs:
+            self._in_flight += 1
+            job.future.add_done_callback(self._job_done)
             self._queue.put_nowait(job)
         try:
             return list(await asyncio.gather(*(job.future for job in jobs)))
@@ -196,6 +207,23 @@ class MicroBatcher:
             for job in jobs:
                 job.future.cancel()
             raise
+
+    # ---- adaptive wait --------------------------------------------------------------------------
+    #: weight of the newest request in the average: about the last 4 requests decide
+    COMPANY_SMOOTHING = 0.25
+    #: average company above which waiting pays: most requests find another one in flight
+    COMPANY_THRESHOLD = 0.5
+
+    def _note_arrival(self) -> None:
+        self._mean_company += self.COMPANY_SMOOTHING * (self._in_flight - self._mean_company)
+
+    def _job_done(self, _future) -> None:
+        self._in_flight -= 1
+
+    def wait_for_company(self) -> float:
+        """Seconds a new batch waits for more jobs: ``max_wait_ms`` while requests usually arrive to find others
+        in flight, else 0 (a request alone gains nothing from waiting; the wait would only add to its latency)."""
+        return self.max_wait if self._mean_company >= self.COMPANY_THRESHOLD else 0.0
 
     # ---- the collector and the worker -----------------------------------------------------------
     async def _collect_forever(self) -> None:
@@ -237,10 +265,11 @@ class MicroBatcher:
             self._free_workers.release()
 
     async def _collect_batch(self) -> list[_Job]:
-        """The first waiting job, then more until ``max_batch`` or ``max_wait`` after the first one's arrival."""
+        """The first waiting job, then more until ``max_batch`` or :meth:`wait_for_company` after the first one's
+        arrival (jobs already queued always join)."""
         first = await self._queue.get()
         batch = [first]
-        deadline = first.enqueued + self.max_wait
+        deadline = first.enqueued + self.wait_for_company()
         try:
             await self._fill(batch, deadline)
         except asyncio.CancelledError:  # stop() while filling: these jobs are out of the queue already

@@ -1,0 +1,63 @@
+"""The micro-batcher's adaptive wait, on a stub predictor (the batching logic needs no model)."""
+from __future__ import annotations
+
+import asyncio
+
+from lavis_ext.serve.batching import MicroBatcher
+
+
+class EchoPredictor:
+    """Answers each image with its own text; records the size of every batched call."""
+
+    caption_prompt = "a photo of"
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def caption(self, images, prompt=None, decoding=None):
+        self.calls.append(len(images))
+        return [f"caption {image}" for image in images]
+
+
+def test_a_lone_client_is_never_held_back_and_concurrent_clients_are_batched():
+    predictor = EchoPredictor()
+
+    async def drive():
+        # a wait of a minute: were a lone client's request held for company, this test would take minutes
+        batcher = MicroBatcher(predictor, max_batch=16, max_wait_ms=60_000)
+        await batcher.start()
+        try:
+            alone = [await batcher.submit("caption", i, None, None) for i in range(5)]
+            waited_alone = batcher.wait_for_company()
+            batcher.max_wait = 0.2  # the burst below waits this long for company
+            burst = await asyncio.gather(*(batcher.submit("caption", 100 + i, None, None) for i in range(12)))
+            return alone, waited_alone, burst, batcher.wait_for_company()
+        finally:
+            await batcher.stop()
+
+    alone, waited_alone, burst, waited_busy = asyncio.run(drive())
+    assert alone == [f"caption {i}" for i in range(5)] and burst == [f"caption {100 + i}" for i in range(12)]
+    assert waited_alone == 0.0  # each request found nobody else in flight
+    assert predictor.calls[:5] == [1, 1, 1, 1, 1]
+    assert predictor.calls[5:] == [12]  # the concurrent requests shared one forward pass
+    assert waited_busy == 0.2
+
+
+def test_in_flight_count_returns_to_zero_after_failures_and_cancellations():
+    class Fails(EchoPredictor):
+        def caption(self, images, prompt=None, decoding=None):
+            raise RuntimeError("injected")
+
+    async def drive():
+        batcher = MicroBatcher(Fails(), max_batch=4, max_wait_ms=10)
+        await batcher.start()
+        try:
+            results = await asyncio.gather(*(batcher.submit("caption", i, None, None) for i in range(3)),
+                                           return_exceptions=True)
+            return results, batcher._in_flight
+        finally:
+            await batcher.stop()
+
+    results, in_flight = asyncio.run(drive())
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert in_flight == 0
