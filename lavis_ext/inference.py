@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import lavis_ext  # noqa: F401  (shims + registration)
+from lavis_ext.images import to_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +154,11 @@ class Blip2Predictor:
 
     # ---- the image side -------------------------------------------------------------------------
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        """PIL images (any mode) -> the normalised batch the model was trained on, on the model's device."""
+        """PIL images (any mode; 16-bit ones scaled, not clipped: :func:`lavis_ext.images.to_rgb8`) -> the normalised
+        batch the model was trained on, on the model's device."""
         if not images:
             raise ValueError("no images given")
-        batch = torch.stack([self.vis_processor(image.convert("RGB")) for image in images])
+        batch = torch.stack([self.vis_processor(to_rgb8(image)) for image in images])
         return batch.to(self.device)
 
     @torch.no_grad()

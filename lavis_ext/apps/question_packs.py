@@ -140,17 +140,19 @@ def run_pack(predictor, pack: QuestionPack, image, decoding=None, image_name: st
 
 
 def open_image(path: str | Path):
-    """A local image file -> RGB PIL image, with an error that names the file when it is not one."""
-    from PIL import Image, UnidentifiedImageError
+    """A local image file -> RGB PIL image (:func:`lavis_ext.images.decode_image`: 16-bit scans scaled, not
+    clipped to white; a truncated file refused, not padded with grey), with an error that names the file."""
+    from lavis_ext.images import decode_image
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{str(path)!r} is not an image PIL can read ({exc}); give a PNG/JPEG/... file") from None
+        return decode_image(path)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's errors for non-images and broken data
+        raise ValueError(
+            f"{str(path)!r} is not an image PIL can read, or is truncated ({exc}); give a complete PNG/JPEG/... file"
+        ) from None
 
 
 def notice_banner(notice: str) -> str:

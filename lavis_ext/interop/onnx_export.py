@@ -114,7 +114,7 @@ def _load(source: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from PIL import Image
+    from lavis_ext.images import decode_image
 
     parser = argparse.ArgumentParser(prog="lavis-ext onnx", description="ONNX export of BLIP-2's image path.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report))
         else:
             encoder = OnnxImageEncoder(args.onnx)
-            pixel = predictor.preprocess([Image.open(p) for p in args.images])
+            pixel = predictor.preprocess([decode_image(p) for p in args.images])  # strict: truncated files fail
             samples = {"llm_inputs": encoder(pixel), "prompt": predictor.caption_prompt}
             captions = predictor.model.generate(samples, **predictor.caption_decoding.caption_kwargs())
             for name, caption in zip(args.images, captions):

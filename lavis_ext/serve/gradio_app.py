@@ -1,9 +1,9 @@
 """A Gradio page for trying a trained BLIP-2: upload an image, optionally ask a question, tune decoding.
 
 Same loader as everything else (:func:`lavis_ext.inference.load`), the same upload validation as the HTTP
-server (:mod:`lavis_ext.serve.uploads`) and decoding sliders bounded by :attr:`Decoding.LIMITS`, so the page
-cannot ask for more than the server would allow. With no question the model captions the image; with one
-it answers it.
+server (:mod:`lavis_ext.serve.uploads`: truncated files refused, 16-bit images scaled) and decoding sliders
+bounded by :attr:`Decoding.LIMITS`, so the page cannot ask for more than the server would allow. With no
+question the model captions the image; with one it answers it.
 
 Local by default: it listens on 127.0.0.1 and creates no public share link unless ``--share`` is given.
 
@@ -82,6 +82,9 @@ def build_demo(predictor, limits: UploadLimits | None = None) -> gr.Blocks:
         )
         with gr.Row():
             with gr.Column():
+                # filepath + image_mode=None: Gradio hands over the uploaded file untouched, so it gets the server's
+                # checks and a 16-bit PNG/TIFF is scaled by validate_image_bytes; type="pil"/"numpy" would
+                # convert it with PIL first and clip it to near white
                 image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                  label="Image", elem_id="image")
                 question = gr.Textbox(label="Question (optional)", placeholder="e.g. what colour is the circle?",

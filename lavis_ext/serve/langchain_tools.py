@@ -13,7 +13,8 @@ to the model as an error tool message (``status="error"``) it can act on, instea
     vqa_tool = VisualQuestionTool(predictor=load("runs/vqa"))
     llm_with_tools = chat_model.bind_tools([caption_tool, vqa_tool])
 
-Images go through the same validation as HTTP uploads (:mod:`lavis_ext.serve.uploads`). ``allowed_dir``
+Images go through the same validation as HTTP uploads (:mod:`lavis_ext.serve.uploads`: truncated files refused,
+16-bit scans scaled to 8 bits). ``allowed_dir``
 confines the paths an agent may open (the model chooses the path, so confine it when prompts are untrusted).
 """
 from __future__ import annotations

@@ -7,30 +7,35 @@ decodes to gigapixels), too many files per request and pixel modes the model can
 
 The pixel check runs on the header, before any pixel is decoded; ``load()`` then decodes fully, so a
 truncated file fails here rather than half-way through a batch. ``import lavis`` sets PIL's process-wide
-``ImageFile.LOAD_TRUNCATED_IMAGES = True`` (lavis/datasets/datasets/coco_caption_datasets.py), which makes
-PIL pad truncated files with grey instead of failing; PIL has no per-image switch, so the decode runs
-under a lock with the flag set back to PIL's default and restored afterwards (:func:`_strict_decoding`).
+``ImageFile.LOAD_TRUNCATED_IMAGES = True``, which makes PIL pad truncated files with grey instead of failing,
+so the decode runs under :func:`lavis_ext.images.strict_decoding` (PIL's default, under a lock).
 ``MAX_IMAGE_PIXELS`` is left alone: our own pixel limit applies first.
+
+16-bit images (PNG ``I;16``, TIFF ``I;16``/``I``/``F``: scans, medical and scientific images) are accepted and
+scaled to 8 bits by :func:`lavis_ext.images.to_rgb8`; PIL's own ``convert("RGB")`` clips them to near white.
 """
 from __future__ import annotations
 
 import io
 import logging
-import threading
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lavis_ext.images import SIXTEEN_BIT_MODES, strict_decoding, to_rgb8
 
 logger = logging.getLogger(__name__)
 
 # Formats with a pure-Python/libimaging decoder that real clients send. EPS/PS (Ghostscript), PDF-like and
 # exotic formats are left out on purpose: each decoder is attack surface and none is a photo format.
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-# Modes that convert("RGB") maps faithfully. 16-bit / 32-bit integer and float modes ("I;16", "I", "F")
-# are clipped by that conversion, which silently gives the model a wrong (mostly white) image.
-DEFAULT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+# Modes that become the RGB image a viewer shows: the 8-bit ones through convert("RGB"), the 16-bit / 32-bit
+# integer and float ones through to_rgb8, which scales them (convert("RGB") would clip them to near white).
+# Anything else (a LAB TIFF, say) is refused with 415 unsupported_mode rather than converted unchecked.
+DEFAULT_MODES = (
+    "1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", *SIXTEEN_BIT_MODES,
+)
 
 
 @dataclass(frozen=True)
@@ -102,34 +107,19 @@ def validate_image_bytes(data: bytes, limits: UploadLimits = UploadLimits(), fil
         filename: only used to name the file in error messages.
     Returns:
         A fully decoded ``PIL.Image.Image`` in mode ``RGB``, EXIF orientation applied (first frame of
-        animated formats).
+        animated formats; 16-bit data scaled to 8 bits).
     Raises:
         UploadError: 400 ``empty_file`` / ``corrupt_image`` (truncated or undecodable), 413 ``file_too_large``
         / ``too_many_pixels``, 415 ``not_an_image`` / ``unsupported_format`` / ``unsupported_mode``.
     """
     check_size(len(data), limits, filename)
-    with _strict_decoding():
+    with strict_decoding():
         image = _decode(data, limits, filename)
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # noqa: BLE001  (broken EXIF must not reject an otherwise good photo)
         logger.debug("ignoring unreadable EXIF orientation in %s: %s", _name(filename), exc)
-    return image.convert("RGB")
-
-
-_TRUNCATION_FLAG_LOCK = threading.Lock()
-
-
-@contextmanager
-def _strict_decoding():
-    """PIL's default (truncated files raise) for the duration of one decode; see the module docstring."""
-    with _TRUNCATION_FLAG_LOCK:
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        try:
-            yield
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    return to_rgb8(image)
 
 
 def _decode(data: bytes, limits: UploadLimits, filename: str | None) -> Image.Image:
@@ -165,7 +155,7 @@ def _decode(data: bytes, limits: UploadLimits, filename: str | None) -> Image.Im
         raise UploadError(
             415, "unsupported_mode",
             f"{_name(filename)} has pixel mode {image.mode!r}; accepted modes: {', '.join(limits.allowed_modes)} "
-            "(convert to 8-bit RGB)",
+            "(convert it to RGB)",
         )
     try:
         image.load()  # full decode: truncation and corrupt data surface here, not inside a batch

@@ -106,6 +106,30 @@ def test_validator_detects_truncation_even_though_lavis_sets_load_truncated_imag
         UploadLimits(max_files=0)
 
 
+def sixteen_bit(size: int = 64) -> Image.Image:
+    """A 16-bit grey image (``I;16``): a horizontal ramp over the full 0..65535 range, a square at 20000."""
+    import numpy as np
+
+    values = np.tile(np.linspace(0, 65535, size).round().astype(np.uint16), (size, 1))
+    values[16:48, 16:48] = 20000
+    return Image.fromarray(values)
+
+
+def test_sixteen_bit_png_and_tiff_are_scaled_to_eight_bits_not_refused():
+    import numpy as np
+
+    source = sixteen_bit()
+    assert source.mode == "I;16"
+    expected = np.rint(np.asarray(source, dtype=np.float64) / 257).astype(np.uint8)  # 65535 -> 255, 20000 -> 78
+    for fmt in ("PNG", "TIFF"):
+        image = validate_image_bytes(encoded(source, fmt), filename=f"scan.{fmt.lower()}")
+        assert image.mode == "RGB", fmt
+        pixels = np.asarray(image)
+        assert (pixels == expected[..., None]).all(), fmt  # PIL's own convert("RGB") would clip all but the darkest to 255
+    as_int32 = Image.fromarray(np.asarray(source, dtype=np.int32))  # mode "I", what some TIFF writers give
+    assert (np.asarray(validate_image_bytes(encoded(as_int32, "TIFF"))) == expected[..., None]).all()
+
+
 # ---- the live server --------------------------------------------------------------------------------
 def test_binds_loopback_by_default_and_reports_health(live):
     assert live.host == "127.0.0.1"
@@ -136,6 +160,11 @@ def test_caption_equals_predictor_for_the_same_image(live):
                             data={"prompt": "a picture of", "num_beams": "2", "max_new_tokens": "6"})
         assert reply.status_code == 200, reply.text
         assert reply.json()["caption"] == predictor.caption([image], prompt="a picture of", decoding=beams2)[0]
+        # a 16-bit PNG (I;16) is captioned as its 8-bit scaling, not refused (415) nor clipped to white
+        scan = sixteen_bit()
+        reply = client.post("/v1/caption", files={"image": ("scan.png", png(scan), "image/png")})
+        assert reply.status_code == 200, reply.text
+        assert reply.json() == {"caption": predictor.caption([validate_image_bytes(png(scan))])[0]}
         # the batch endpoint: one caption per file, in upload order, as the predictor gives them
         batch = [shape_image(seed) for seed in (1, 2, 3)]
         reply = client.post("/v1/batch/caption",
@@ -183,7 +212,8 @@ def test_bad_uploads_are_rejected_while_a_concurrent_good_request_succeeds(live)
         "too many bytes": ("/v1/caption", one(noisy_large), {}, 413, "file_too_large"),
         "too many pixels": ("/v1/caption", one(png(Image.new("L", (1200, 1000)))), {}, 413, "too_many_pixels"),
         "bomb": ("/v1/caption", one(png(Image.new("1", (20000, 20000)))), {}, 413, "too_many_pixels"),
-        "unsupported mode": ("/v1/caption", one(png(Image.new("I;16", (32, 32)))), {}, 415, "unsupported_mode"),
+        "unsupported mode": ("/v1/caption", one(encoded(Image.new("LAB", (32, 32)), "TIFF"), "lab.tif"), {}, 415,
+                             "unsupported_mode"),
         "unsupported format": ("/v1/caption", one(encoded(Image.new("RGB", (16, 16)), "ICO")), {}, 415,
                                "unsupported_format"),
         "too many files": ("/v1/batch/caption", [("images", (f"{i}.png", good, "image/png")) for i in range(4)], {},
@@ -343,12 +373,43 @@ def test_stopping_the_batcher_fails_waiting_requests_with_503_errors(live):
     async def drive():
         batcher = MicroBatcher(live.predictor, max_batch=8, max_wait_ms=60_000)
         await batcher.start()
-        pending = asyncio.ensure_future(batcher.submit("caption", shape_image(0), None, live.predictor.caption_decoding))
-        await asyncio.sleep(0.1)  # the collector holds the job, waiting for company
+        # three clients at once: the third finds two requests in flight, so the batch waits for company
+        pending = [asyncio.ensure_future(batcher.submit("caption", shape_image(i), None, live.predictor.caption_decoding))
+                   for i in range(3)]
+        await asyncio.sleep(0.1)  # the collector holds the jobs, waiting for company
+        assert batcher.wait_for_company() == 60.0 and batcher.stats.batches == 0
         await batcher.stop()
-        with pytest.raises(BatcherStoppedError):
-            await pending
+        for job in pending:
+            with pytest.raises(BatcherStoppedError):
+                await job
         with pytest.raises(BatcherStoppedError):
             await batcher.submit("caption", shape_image(0), None, live.predictor.caption_decoding)
 
     asyncio.run(drive())
+
+
+def test_the_gradio_page_captions_a_sixteen_bit_upload_scaled(tmp_path):
+    """The page's image input hands the file over as uploaded (type="filepath", image_mode=None), so
+    ``validate_image_bytes`` scales it; with "pil"/"numpy" Gradio would convert (clip) it with PIL first."""
+    gr = pytest.importorskip("gradio")
+    from types import SimpleNamespace
+
+    import numpy as np
+    from gradio.data_classes import ImageData
+
+    from lavis_ext.inference import Decoding
+    from lavis_ext.serve.gradio_app import build_demo
+
+    seen = []
+    predictor = SimpleNamespace(caption_decoding=Decoding(), answer_decoding=Decoding(), arch="stub", source="run",
+                                caption=lambda images, decoding=None: seen.extend(images) or ["a caption"])
+    demo = build_demo(predictor)
+    assert isinstance(demo, gr.Blocks)
+    image_input = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "image")
+    path = tmp_path / "scan.png"
+    sixteen_bit().save(path)
+    handed = image_input.preprocess(ImageData(path=str(path), orig_name="scan.png"))
+    respond = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "respond")
+    assert respond(handed, "", True, False, *([0] * 7))[0] == "a caption"
+    expected = np.rint(np.asarray(sixteen_bit(), dtype=np.float64) / 257).astype(np.uint8)
+    assert (np.asarray(seen[0]) == expected[..., None]).all()

@@ -1,0 +1,118 @@
+"""The shared decoder: truncated files raise despite LAVIS's global flag, 16-bit data is scaled, 8-bit is unchanged."""
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+import lavis_ext  # noqa: F401  (imports LAVIS, which sets ImageFile.LOAD_TRUNCATED_IMAGES = True)
+from lavis_ext.images import decode_image, strict_decoding, to_rgb8
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_files_raise_and_the_global_flag_is_restored(fmt, tmp_path):
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # LAVIS's process-wide setting
+    data = _encoded(Image.effect_noise((80, 80), 60).convert("RGB"), fmt)
+    half = data[: len(data) // 2]
+    with Image.open(io.BytesIO(half)) as lenient:  # what every plain PIL decode in this process does
+        lenient.load()
+    with pytest.raises(OSError):
+        decode_image(half)
+    (tmp_path / "half").write_bytes(half)
+    with pytest.raises(OSError):
+        decode_image(tmp_path / "half")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_strict_decoding_is_exclusive_and_restores_the_flag_on_error():
+    entered = threading.Event()
+    release = threading.Event()
+    seen = []
+
+    def hold():
+        with strict_decoding():
+            entered.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    entered.wait(5)
+    other = threading.Thread(target=lambda: seen.append(decode_image(_encoded(Image.new("L", (3, 3)), "PNG")).mode))
+    other.start()
+    other.join(0.2)
+    assert seen == []  # the second decode waits for the lock: the flag is a module global
+    release.set()
+    thread.join(5)
+    other.join(5)
+    assert seen == ["RGB"]
+    with pytest.raises(RuntimeError), strict_decoding():
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+        raise RuntimeError("boom")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_sixteen_bit_grey_is_scaled_by_its_range(fmt):
+    values = np.array([[0, 257, 32896, 65535], [1000, 20000, 40000, 60000]], dtype=np.uint16)
+    source = Image.fromarray(values)
+    image = decode_image(_encoded(source, fmt))
+    assert image.mode == "RGB"
+    expected = np.rint(values / 257).astype(np.uint8)
+    assert (np.asarray(image) == expected[..., None]).all()
+    assert (np.asarray(source.convert("RGB"))[..., 0] == np.minimum(values, 255)).all()  # what PIL alone gives
+
+
+def test_wide_and_float_modes():
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert np.asarray(to_rgb8(unit))[0, :, 0].tolist() == [0, 128, 255]
+    signed = Image.fromarray(np.array([[-1000, 0, 1000]], dtype=np.int32))  # e.g. CT numbers: own min..max
+    assert np.asarray(to_rgb8(signed))[0, :, 0].tolist() == [0, 128, 255]
+    flat = Image.fromarray(np.full((2, 2), 70000, dtype=np.int32))
+    assert np.asarray(to_rgb8(flat)).max() == 0  # no range: black, not a division by zero
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "CMYK"])
+def test_eight_bit_modes_convert_exactly_as_pil_does(mode):
+    source = Image.effect_noise((9, 7), 80).convert(mode)
+    assert np.array_equal(np.asarray(to_rgb8(source)), np.asarray(source.convert("RGB")))
+    decoded = decode_image(_encoded(source, "TIFF" if mode == "CMYK" else "PNG"))
+    assert np.array_equal(np.asarray(decoded), np.asarray(source.convert("RGB")))
+
+
+def test_errors_for_missing_files_and_non_images(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        decode_image(tmp_path / "nope.png")
+    with pytest.raises(Image.UnidentifiedImageError):
+        decode_image(b"%PDF-1.4 not pixels")
+
+
+def test_the_apps_and_the_predictor_decode_through_it(tmp_path):
+    """``lavis-ext ask`` (question packs) and every predictor call scale 16-bit images and refuse truncated ones."""
+    from types import SimpleNamespace
+
+    from lavis_ext.apps.question_packs import open_image
+    from lavis_ext.inference import Blip2Predictor
+
+    values = np.full((6, 5), 40000, dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "scan.png")
+    assert (np.asarray(open_image(tmp_path / "scan.png")) == round(40000 / 257)).all()
+    data = _encoded(Image.effect_noise((80, 80), 60).convert("RGB"), "JPEG")
+    (tmp_path / "half.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"half.jpg.*truncated"):
+        open_image(tmp_path / "half.jpg")
+    # the predictor's own preprocessing (Python API, ONNX export): a 16-bit PIL image is scaled there too
+    import torch
+
+    seen = []
+    stub = SimpleNamespace(vis_processor=lambda im: seen.append(np.asarray(im)) or torch.zeros(3, 2, 2), device="cpu")
+    Blip2Predictor.preprocess(stub, [Image.fromarray(values)])
+    assert seen[0].shape == (6, 5, 3) and (seen[0] == round(40000 / 257)).all()
