@@ -19,7 +19,9 @@ default, ``{image_dir}/COCO_{image_dir}_{image_id:012d}.jpg``, is COCO's own lay
 answer (``[]`` for a split without answers), ``question_type`` GQA's structural type and ``answer_type``
 ``open`` / ``binary`` as in GQA's ``eval.py``.
 
-Ids: ``question_id`` is the file's, as a string (``"262148000"``); ``image_id`` likewise. The split named
+Ids: samples carry ``question_id`` and ``image_id`` as strings (``"262148000"``), as every dataset here does; the
+file's own values (VQAv2's integers) are kept in ``dataset.source_ids``, and ``vqa_ext`` writes them back into its
+result files, so the official VQA API's ``loadRes`` accepts them (GQA's ids are strings already). The split named
 ``train`` uses the train processors and needs answers; every other split the eval ones. Every image path is
 checked to stay inside ``image_root`` (see :mod:`lavis_ext.datasets.annotations`).
 """
@@ -38,6 +40,7 @@ from lavis_ext.datasets.annotations import (
     ImageEntry,
     resolve_image,
 )
+from lavis_ext.datasets.bad_records import BadRecordLog
 from lavis_ext.datasets.builders import read_build_info
 from lavis_ext.datasets.wds_pipeline import DEFAULT_VQA_PROMPT
 from lavis_ext.evaluation.files import read_gqa_questions, read_vqa_files
@@ -90,9 +93,13 @@ def group_questions(records: list[dict], image_root: str, pattern: str, fields: 
             if entry is None:
                 rel_posix = Path(os.path.relpath(resolved, root)).as_posix()
                 entry = ImageEntry(resolved, rel_posix, str(rec["image_id"]), f"{where} question {rec['question_id']!r}")
+                if not isinstance(rec["image_id"], str):
+                    entry.source_image_id = rec["image_id"]
                 entries[resolved] = entry
             by_image[rec["image_id"]] = entry
         q = {"question": rec["question"], "answers": list(rec["answers"]), "question_id": str(rec["question_id"])}
+        if not isinstance(rec["question_id"], str):
+            entry.source_question_ids[q["question_id"]] = rec["question_id"]
         for key in ("question_type", "answer_type"):
             if rec.get(key) is not None:
                 q[key] = str(rec[key])
@@ -118,10 +125,10 @@ class _FilesBuilder(AnnotationBuilder):
         info = read_build_info(self.config, self.BUILD_INFO_KEYS, self.name)
         prefix = f"datasets.{self.name}.build_info"
         root = info.get("root")
-        image_root = self._image_root(info, prefix)
         questions = info.get("questions") or {}
         if not isinstance(questions, dict) or not questions:
             raise ValueError(f"{prefix}.questions gives no splits; e.g. {{val: v2_OpenEnded_mscoco_val2014_questions.json}}")
+        image_roots = self._image_roots(info, prefix, questions, f"{prefix}.questions")
         patterns = info.get("image_pattern")
         datasets = {}
         for split, qfile in questions.items():
@@ -136,7 +143,7 @@ class _FilesBuilder(AnnotationBuilder):
             train = split == "train"
             if train and not all(r["answers"] for r in records):
                 raise ValueError(f"{prefix}: split 'train' has questions without answers; training needs answers")
-            entries = group_questions(records, image_root, pattern, fields, str(path))
+            entries = group_questions(records, image_roots[split], pattern, fields, str(path))
             proc = "train" if train else "eval"
             dataset = AnnotationDataset(
                 entries,
@@ -145,6 +152,8 @@ class _FilesBuilder(AnnotationBuilder):
                 text_processor=self.text_processors[proc],
                 prompt=self.config.get("prompt", DEFAULT_VQA_PROMPT),
                 name=f"{self.name}/{split}",
+                on_bad_record=BadRecordLog(self.config.get("on_bad_record"), name=f"datasets.{self.name}",
+                                           label=f"{self.name}/{split}"),  # unreadable images: skip | error
             )
             answered = sum(1 for r in records if r["answers"])
             logger.info("built %r from %s (%d of %d questions with answers)", dataset, path, answered, len(records))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 __all__ = [
     "VQASplit",
+    "read_caption_image_names",
     "read_caption_references",
     "read_caption_results",
     "read_gqa_questions",
@@ -344,6 +345,27 @@ def read_caption_references(path) -> dict[str, list[str]]:
             raise ValueError(f"{where}: captions must be strings")
         refs.setdefault(_image_key(rec, where), []).extend(captions)
     return _nonempty(refs, path)
+
+
+def read_caption_image_names(path) -> dict[str, str]:
+    """Image file names by reference id (``str(image_id)``) where the annotation file gives both: a COCO file's
+    ``images[].file_name`` (LAVIS's ``coco_karpathy_test_gt.json`` may have none), records with ``image_id`` and
+    ``image``. The scoring CLI matches results keyed by image path through them.
+
+    Raises:
+        ValueError: neither a COCO caption file nor a list of records.
+    """
+    data = read_json_or_jsonl(path)
+    names: dict[str, str] = {}
+    if isinstance(data, dict):
+        for img in data.get("images") or []:
+            if isinstance(img, dict) and "id" in img and isinstance(img.get("file_name"), str):
+                names[str(img["id"])] = img["file_name"]
+        return names
+    for rec in _records(data, path, "a list of caption records"):
+        if rec.get("image_id") is not None and isinstance(rec.get("image"), str):
+            names[str(rec["image_id"])] = rec["image"]
+    return names
 
 
 def _nonempty(refs: dict, path) -> dict:

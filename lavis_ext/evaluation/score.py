@@ -12,7 +12,9 @@ Results: captions ``[{"image_id", "caption"}]``; VQA/GQA ``[{"question_id", "ans
 (``captions_val2014.json``, ``coco_karpathy_test_gt.json``) or our ``json_caption`` records (JSON or JSONL,
 LAVIS's ``coco_karpathy_test.json`` too); VQA as a VQAv2 / OK-VQA annotation file (``--questions`` optional: its
 ids are checked against the annotations) or our ``json_vqa`` records; GQA as a GQA question file or ``json_vqa``
-records with one answer. Ids are matched as strings. Every annotated id needs exactly one result, and every result
+records with one answer. Ids are matched as strings; caption results keyed by image path (Karpathy's
+``val2014/COCO_val2014_000000391895.jpg``) also match a COCO file's image ids, through its file names or the
+number that ends the path (:func:`match_caption_ids`). Every annotated id needs exactly one result, and every result
 an annotation (an error names examples); GQA question files with unbalanced questions are scored on the balanced
 ones only, as GQA's ``eval.py`` does.
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
+import re
 import sys
 from pathlib import Path
 
@@ -44,12 +48,76 @@ def score_captions(results, annotations, *, metrics=None, work_dir=None, spice_l
 
     predictions = files.read_caption_results(results)
     references = files.read_caption_references(annotations)
+    predictions, matched = match_caption_ids(predictions, references, files.read_caption_image_names(annotations))
     _check_overlap(predictions, references, "image_id", results, annotations)
     scores = evaluate_captions(predictions, references, metrics=metrics or METRICS, work_dir=work_dir,
                                spice_lib_dir=spice_lib_dir)
     skipped = scores.pop("skipped", {})
-    return {"task": "captions", "results": str(results), "annotations": str(annotations),
-            "num_images": len(references), "metrics": scores, "skipped": skipped}
+    report = {"task": "captions", "results": str(results), "annotations": str(annotations),
+              "num_images": len(references), "metrics": scores, "skipped": skipped}
+    if matched:
+        report["ids_matched_by_file_name"] = matched
+    return report
+
+
+def match_caption_ids(predictions: dict, references: dict, names: dict) -> tuple[dict, int]:
+    """Result ids that are not reference ids, matched to one through image file names.
+
+    Karpathy-split results name images by path (``val2014/COCO_val2014_000000391895.jpg``: LAVIS's
+    ``coco_karpathy_test.json`` records, ``captioning_ext`` on ``json_caption``), COCO-format ground truth
+    (``coco_karpathy_test_gt.json``, ``captions_val2014.json``) by image id. A result id matches a reference id
+    through, in order: a reference's file name (whole, or its last path part); the number that ends the file
+    name, COCO's image id (``...000000391895.jpg`` -> ``391895``); and, for integer result ids against
+    references keyed by path, the number that ends a reference's path. Ids that match nothing are kept as they
+    are, so the id check names them.
+
+    Args:
+        predictions: ``{result id: caption}``.
+        references: ``{reference id: [captions]}``.
+        names: ``{reference id: image file name}`` (:func:`files.read_caption_image_names`).
+
+    Returns:
+        The predictions re-keyed, and how many ids were matched through file names.
+
+    Raises:
+        ValueError: two results match the same reference id.
+    """
+    def number(name: str) -> str | None:
+        digits = re.search(r"(\d+)$", posixpath.splitext(posixpath.basename(name))[0])
+        return str(int(digits.group(1))) if digits else None
+
+    by_name: dict[str, str | None] = {}
+    by_number: dict[str, str | None] = {}
+    for ref, name in [*names.items(), *((k, k) for k in references if not k.isdigit())]:
+        if ref not in references:
+            continue
+        for alias in {name, posixpath.basename(name)}:
+            by_name[alias] = ref if by_name.get(alias, ref) == ref else None  # None: ambiguous
+        if not ref.isdigit() and number(name) is not None:
+            n = number(name)
+            by_number[n] = ref if by_number.get(n, ref) == ref else None
+    out: dict = {}
+    source: dict = {}
+    matched = 0
+    for key, caption in predictions.items():
+        target = key
+        if key not in references:
+            base = posixpath.basename(key)
+            n = number(key)
+            for candidate in (by_name.get(key), by_name.get(base), n if n in references else None,
+                              by_number.get(key) if key.isdigit() else None):
+                if candidate is not None:
+                    target = candidate
+                    matched += 1
+                    break
+        if target in out:
+            raise ValueError(
+                f"results {source[target]!r} and {key!r} both name image {target!r} of the annotations; "
+                "keep one caption per image"
+            )
+        out[target] = caption
+        source[target] = key
+    return out, matched
 
 
 def score_vqa(results, annotations, *, questions=None, mode="official") -> dict:
@@ -135,6 +203,9 @@ def format_report(report: dict) -> str:
     if report["task"] == "captions":
         keys = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]
         lines = [f"captions ({report['num_images']} images): " + "  ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)]
+        if report.get("ids_matched_by_file_name"):
+            n = report["ids_matched_by_file_name"]
+            lines.append(f"({n} result ids matched to annotation ids by image file name)")
         lines += [f"{name} skipped: {reason}" for name, reason in report["skipped"].items()]
         return "\n".join(lines)
     if report["task"] == "vqa":

@@ -5,6 +5,10 @@ image ids, and runs SPICE, which downloads Stanford CoreNLP. Here each eval batc
 references (`samples["captions"]`); rank 0 merges all ranks' results, scores them with
 :func:`lavis_ext.evaluation.evaluate_captions`, and writes the result and metrics JSON files into
 the run's directories.
+
+The result file is ``[{"image_id", "caption"}]`` with each image id as its annotation file has it (COCO's
+integers for ``coco_caption_file``, from the dataset's ``source_ids``; the string id otherwise), so
+``pycocotools``' ``COCO(gt).loadRes(result_file)`` accepts it as LAVIS's COCO evaluation does.
 """
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ import json
 import logging
 import os
 
-from lavis.common.dist_utils import main_process
+from lavis.common.dist_utils import is_main_process, main_process
 from lavis.common.registry import registry
 from lavis.tasks.captioning import CaptionTask
 
+from lavis_ext.datasets.annotations import fit_image_sizes
 from lavis_ext.tasks.base import TaskExtMixin, write_metrics
 
 logger = logging.getLogger(__name__)
@@ -27,6 +32,11 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric)
         self.constant_baseline = constant_baseline
         self._baselines: dict[str, tuple[str, float]] = {}  # split -> best constant caption (refs never change)
+        self._source_image_ids: dict[str, object] = {}  # the evaluated split's string id -> its annotation file's
+
+    def before_evaluation(self, model, dataset, **kwargs):
+        super().before_evaluation(model, dataset, **kwargs)
+        self._source_image_ids = (getattr(dataset, "source_ids", None) or {}).get("image_id", {})
 
     @classmethod
     def setup_task(cls, cfg):
@@ -39,6 +49,10 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
             report_metric=run_cfg.get("report_metric", True),
             constant_baseline=run_cfg.get("constant_baseline", True),
         )
+
+    def build_datasets(self, cfg):
+        fit_image_sizes(cfg)  # image_size: null = the model's; a different size fails before any work
+        return super().build_datasets(cfg)
 
     def valid_step(self, model, samples):
         captions = model.generate(
@@ -62,8 +76,18 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
             remove_duplicate="image_id",
         )
         if not self.report_metric:
+            if is_main_process():
+                with open(result_file) as f:
+                    self._write_results(result_file, json.load(f))
             return {"agg_metrics": 0.0}
         return self._report_metrics(result_file, split_name, epoch)
+
+    def _write_results(self, path, merged) -> None:
+        """The result file in COCO's ``[{image_id, caption}]`` shape, ids as the annotation file has them (the
+        references the results carried are the dataset's own)."""
+        ids = self._source_image_ids
+        with open(path, "w") as f:
+            json.dump([{"image_id": ids.get(r["image_id"], r["image_id"]), "caption": r["caption"]} for r in merged], f)
 
     @main_process
     def _report_metrics(self, eval_result_file, split_name, epoch="best"):
@@ -78,9 +102,7 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
                 f"{len(predictions) - len(references)} {split_name} samples carry no reference captions; "
                 "captioning_ext scores against the dataset's own references (field 'captions')"
             )
-        # The result file keeps the usual [{image_id, caption}] shape (the references are the dataset's).
-        with open(eval_result_file, "w") as f:
-            json.dump([{"image_id": r["image_id"], "caption": r["caption"]} for r in merged], f)
+        self._write_results(eval_result_file, merged)
         work_dir = os.path.join(registry.get_path("result_dir"), "scoring")
         os.makedirs(work_dir, exist_ok=True)
         metrics = evaluate_captions(predictions, references, work_dir=work_dir)

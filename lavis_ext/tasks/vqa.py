@@ -6,6 +6,10 @@ annotator answers travel with each batch (`samples["answers"]`), the prompt is a
 dataset (the same at training and inference), and rank 0 scores the merged results with
 :func:`lavis_ext.evaluation.vqa.vqa_accuracy`.
 
+The result file is ``[{"question_id", "answer"}]`` with each question id as its annotation file has it (VQAv2's
+integers for ``vqa_files``, from the dataset's ``source_ids``; the string id otherwise, e.g. GQA's), so the official
+VQA API's ``VQA(ann, ques).loadRes(result_file, ques)`` accepts it.
+
 A split without answers (VQAv2 test-dev / test-std through the ``vqa_files`` builder) is not scored:
 its predictions are written as an EvalAI submission file, ``result/<split>_evalai_submission.json``
 (``[{"question_id": int, "answer": str}]``). LAVIS 1.0.2 has no such path (its ``_save_result_leaderboard``
@@ -30,6 +34,7 @@ from lavis.common.dist_utils import (
 from lavis.common.registry import registry
 from lavis.tasks.vqa import VQATask
 
+from lavis_ext.datasets.annotations import fit_image_sizes
 from lavis_ext.tasks.base import TaskExtMixin, write_metrics
 
 logger = logging.getLogger(__name__)
@@ -78,6 +83,11 @@ class VQATaskExt(TaskExtMixin, VQATask):
             prompt=prompt,
         )
         self.length_penalty = length_penalty
+        self._source_question_ids: dict[str, object] = {}  # the evaluated split's string id -> its annotation file's
+
+    def before_evaluation(self, model, dataset, **kwargs):
+        super().before_evaluation(model, dataset, **kwargs)
+        self._source_question_ids = (getattr(dataset, "source_ids", None) or {}).get("question_id", {})
 
     @classmethod
     def setup_task(cls, cfg):
@@ -93,6 +103,7 @@ class VQATaskExt(TaskExtMixin, VQATask):
 
     def build_datasets(self, cfg):
         # LAVIS's VQATask.build_datasets looks for COCO-format question files; ours need none.
+        fit_image_sizes(cfg)  # image_size: null = the model's; a different size fails before any work
         return super(VQATask, self).build_datasets(cfg)
 
     @staticmethod
@@ -129,9 +140,12 @@ class VQATaskExt(TaskExtMixin, VQATask):
         with open(result_file) as f:
             merged = json.load(f)
         answered = [bool(r.get("answers")) for r in merged]
-        # The result file keeps the EvalAI shape [{question_id, answer}]; the answers are the dataset's.
+        # The result file keeps the EvalAI shape [{question_id, answer}], ids as the annotation file has them (the
+        # answers the results carried are the dataset's).
+        ids = self._source_question_ids
         with open(result_file, "w") as f:
-            json.dump([{"question_id": r["question_id"], "answer": r["answer"]} for r in merged], f)
+            json.dump([{"question_id": ids.get(r["question_id"], r["question_id"]), "answer": r["answer"]}
+                       for r in merged], f)
         if merged and not any(answered):
             return self._write_submission(merged, split_name, epoch)
         if not all(answered):

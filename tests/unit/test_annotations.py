@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lavis_ext import cli
 from lavis_ext.datasets.annotations import AnnotationDataset, load_annotations
+from lavis_ext.datasets.bad_records import BadRecordError
 from lavis_ext.datasets.to_shards import write_shards
 from lavis_ext.datasets.wds_pipeline import WdsSplitDataset
 
@@ -243,15 +244,18 @@ def test_missing_files_malformed_records_and_unknown_keys_name_the_fix(data):
     with pytest.raises(FileNotFoundError, match=r"nope.jsonl.*datasets.json_caption.build_info.annotations.val"):
         _build("json_caption", **base, annotations={"val": "ann/nope.jsonl"})
     bad = _jsonl(data["root"] / "ann" / "bad.jsonl", [{"image": data["rels"][0], "caption": "ok"}, {"caption": "no image"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl line 2: record has no 'image'"):
-        _build("json_caption", **base, annotations={"train": str(bad)})
+    with pytest.raises(BadRecordError, match=r"bad.jsonl line 2: bad record \(no_image: record has no 'image'"):
+        _policy_build("json_caption", "error", **base, annotations={"train": str(bad)})
     _jsonl(bad, [{"image": data["rels"][0]}])
-    with pytest.raises(ValueError, match=r"bad.jsonl line 1: record has no 'caption' or 'captions'"):
-        _build("json_caption", **base, annotations={"train": str(bad)})
+    with pytest.raises(BadRecordError, match=r"bad.jsonl line 1: bad record \(no_caption: record has no 'caption' or 'captions'"):
+        _policy_build("json_caption", "error", **base, annotations={"train": str(bad)})
     _jsonl(bad, [{"image": data["rels"][0], "question": "what?"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl line 1: record has no 'answers'"):
-        _build("json_vqa", **base, annotations={"train": str(bad)})
+    with pytest.raises(BadRecordError, match=r"bad.jsonl line 1: bad record \(no_answers: record has no 'answers'"):
+        _policy_build("json_vqa", "error", **base, annotations={"train": str(bad)})
     bad.write_text('{"image": "a.jpg", "caption": "x"}\n{"image": \n')
+    with pytest.raises(BadRecordError, match=r"bad.jsonl line 2: bad record \(not_json: not valid JSON"):
+        _policy_build("json_caption", "error", **base, annotations={"train": str(bad)})
+    bad.write_text('[{"image": "a.jpg", "caption": "x"},\n {"image": ]\n')  # a JSON list is one document
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
         _build("json_caption", **base, annotations={"train": str(bad)})
     with pytest.raises(ValueError, match=r"'annotation'.*did you mean 'annotations'.*valid: root, image_root, annotations"):
@@ -312,3 +316,147 @@ def test_dataset_pickles_for_loader_workers(data):
     val = _vqa_sets(data)["val"]
     clone = pickle.loads(pickle.dumps(val))
     assert len(clone) == len(val) and clone[3]["question_id"] == val[3]["question_id"]
+
+
+# ---- bad data: one policy (datasets.<name>.on_bad_record), never used silently ----------------------
+
+
+def _policy_build(name: str, on_bad_record: str | None, **build_info) -> dict:
+    builder = _builder(name, **build_info)
+    if on_bad_record is not None:
+        builder.config.on_bad_record = on_bad_record
+    return builder.build_datasets()
+
+
+def test_a_truncated_image_is_skipped_and_counted_although_lavis_loads_truncated_images(data, caplog):
+    import lavis_ext  # noqa: F401  (imports LAVIS, which sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES = True)
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    path = data["root"] / "images" / data["rels"][0]  # pics/img0.jpg
+    Image.effect_noise((64, 64), 60).convert("RGB").save(path, quality=95)
+    payload = path.read_bytes()
+    path.write_bytes(payload[: len(payload) // 2])
+    val = _caption_sets(data)["val"]
+    with caplog.at_level(logging.WARNING, logger="lavis_ext.datasets.annotations"):
+        assert val[0] is None  # half a JPEG is not an image, even with LAVIS's global flag set
+    assert val.skipped == Counter({"corrupt_image": 1})
+    assert "pics/img0.jpg" in caplog.text and "truncated" in caplog.text
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # LAVIS's value is put back
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped_to_white(data):
+    import numpy as np
+
+    grey = np.full((20, 24), 128 * 257, dtype=np.uint16)  # mid grey in 16 bits; PIL's convert clips it to 255
+    grey[0, :] = 65535
+    Image.fromarray(grey).save(data["root"] / "images" / data["rels"][1])  # pics/img1.png
+    entries = load_annotations("caption", data["cap_val"], data["root"] / "images")
+    pixels = np.asarray(AnnotationDataset(entries, "caption_eval")[1]["image"])
+    assert pixels.shape == (20, 24, 3)
+    assert (pixels[1:] == 128).all() and (pixels[0] == 255).all()
+
+
+def test_a_non_utf8_jsonl_line_is_named_by_file_and_line(data, caplog):
+    lines = [json.dumps({"image": rel, "caption": f"caption {i}"}).encode() for i, rel in enumerate(data["rels"])]
+    lines[2] = json.dumps({"image": data["rels"][2], "caption": "caf\u00e9"}, ensure_ascii=False).encode("latin-1")
+    bad = data["root"] / "ann" / "latin.jsonl"
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="lavis_ext.datasets.annotations"):
+        train = _policy_build("json_caption", None, root=str(data["root"]), image_root="images",
+                              annotations={"train": "ann/latin.jsonl"})["train"]
+    assert len(train) == NUM_IMAGES - 1
+    assert train.skipped == Counter({"not_utf8": 1})
+    [example] = train.bad_records
+    assert (example["where"], example["reason"]) == (f"{bad} line 3", "not_utf8")
+    assert "0xe9" in example["detail"] and "file offset" in example["detail"]
+    assert f"{bad} line 3" in caplog.text and "not_utf8" in caplog.text
+    with pytest.raises(BadRecordError, match=rf"{re.escape(str(bad))} line 3: bad record \(not_utf8: byte 0xe9"):
+        _policy_build("json_caption", "error", root=str(data["root"]), image_root="images",
+                      annotations={"train": "ann/latin.jsonl"})
+
+
+def test_a_non_utf8_json_list_names_the_file_line_and_byte_offset(data):
+    records = [{"image": rel, "caption": "ok"} for rel in data["rels"][:2]] + [{"image": data["rels"][2], "caption": "na\u00efve"}]
+    text = json.dumps(records, indent=1, ensure_ascii=False)
+    bad = data["root"] / "ann" / "latin.json"
+    bad.write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index(b"\xef")
+    line = text[: text.index("\u00ef")].count("\n") + 1
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))} line {line}.*byte offset {offset}.*not UTF-8"):
+        load_annotations("caption", bad, data["root"] / "images")
+
+
+def test_skip_counts_bad_records_by_reason_and_error_stops_at_the_first(data, caplog):
+    good = data["records"]["cap_train"]
+    rows = [json.dumps(r) for r in good[:3]] + [
+        json.dumps({"image": data["rels"][3], "caption": "   "}),  # 4: empty caption
+        "{not json",  # 5
+        json.dumps({"caption": "no image"}),  # 6
+        json.dumps(["a", "list"]),  # 7
+        json.dumps({"image": data["rels"][4], "caption": ["fine", 3.5, {"x": 1}]}),  # 8: wrong type
+        json.dumps({"image": data["rels"][0], "caption": "other id", "image_id": "elsewhere"}),  # 9: id conflict
+        "",
+        json.dumps(good[4]),  # 11
+    ]
+    ann = data["root"] / "ann" / "mixed.jsonl"
+    ann.write_text("\n".join(rows) + "\n")
+    base = {"root": str(data["root"]), "image_root": "images", "annotations": {"train": "ann/mixed.jsonl"}}
+    with caplog.at_level(logging.WARNING, logger="lavis_ext.datasets.annotations"):
+        train = _policy_build("json_caption", "skip", **base)["train"]
+    assert len(train) == 4  # lines 1-3 and 11
+    assert train.skipped == Counter({"no_caption": 1, "not_json": 1, "no_image": 1, "not_an_object": 1,
+                                     "bad_type": 1, "image_id_conflict": 1})
+    assert [e["where"] for e in train.bad_records] == [f"{ann} line {n}" for n in (4, 5, 6, 7, 8, 9)]
+    assert "record has no non-empty caption" in train.bad_records[0]["detail"]
+    assert "6 bad record(s)" in caplog.text and f"{ann} line 5" in caplog.text
+    # the same records under `error`: the first one stops the build, naming file and line and the way out
+    with pytest.raises(BadRecordError, match=rf"mixed.jsonl line 4: bad record \(no_caption: .*on_bad_record=skip"):
+        _policy_build("json_caption", "error", **base)
+    with pytest.raises(ValueError, match=r"datasets.json_caption.on_bad_record='ignore' is not a policy"):
+        _policy_build("json_caption", "ignore", **base)
+
+
+def test_vqa_and_coco_records_follow_the_policy(data):
+    rows = [{"image": data["rels"][0], "question": "what?", "answers": ["a"]},
+            {"image": data["rels"][1], "question": "what?"},  # no answers
+            {"image": data["rels"][2], "question": "", "answers": ["a"]},  # no question
+            {"image": data["rels"][3], "question": 7, "answers": ["a"]}]  # wrong type
+    _jsonl(data["root"] / "ann" / "q.jsonl", rows)
+    base = {"root": str(data["root"]), "image_root": "images"}
+    val = _policy_build("json_vqa", None, **base, annotations={"val": "ann/q.jsonl"})["val"]
+    assert len(val) == 1 and val.skipped == Counter({"no_answers": 1, "no_question": 1, "bad_type": 1})
+    with pytest.raises(BadRecordError, match=r"q.jsonl line 2: bad record \(no_answers: record has no 'answers'"):
+        _policy_build("json_vqa", "error", **base, annotations={"val": "ann/q.jsonl"})
+    coco = {"images": [{"id": 1, "file_name": data["rels"][0]}, {"file_name": data["rels"][1]}],
+            "annotations": [{"image_id": 1, "caption": "fine"}, {"image_id": 9, "caption": "x"}, {"image_id": 1, "caption": ""}]}
+    _write_json(data["root"] / "ann" / "coco.json", coco)
+    test = _policy_build("coco_caption_file", None, **base, annotations={"test": "ann/coco.json"})["test"]
+    assert len(test) == 1 and test.skipped == Counter({"bad_image_entry": 1, "unknown_image_id": 1, "no_caption": 1})
+    with pytest.raises(BadRecordError, match=r"coco.json images\[1\]: bad record \(bad_image_entry: "):
+        _policy_build("coco_caption_file", "error", **base, annotations={"test": "ann/coco.json"})
+
+
+def test_a_file_with_no_usable_record_fails_with_the_reasons(data):
+    _jsonl(data["root"] / "ann" / "empty.jsonl", [{"image": data["rels"][0], "caption": ""}, {"caption": "x"}])
+    with pytest.raises(ValueError, match=r"empty.jsonl: no usable records.*no_caption 1.*no_image 1.*line 1"):
+        load_annotations("caption", data["root"] / "ann" / "empty.jsonl", data["root"] / "images")
+
+
+def test_path_escapes_stay_a_hard_error_under_skip(data, tmp_path):
+    _jsonl(data["root"] / "ann" / "evil.jsonl", [{"image": data["rels"][0], "caption": "ok"},
+                                                 {"image": "../../x.jpg", "caption": "x"}])
+    with pytest.raises(ValueError, match=r"evil.jsonl line 2: image path '../../x.jpg'.*outside the image root"):
+        _policy_build("json_caption", "skip", root=str(data["root"]), image_root="images",
+                      annotations={"train": "ann/evil.jsonl"})
+
+
+def test_unreadable_images_under_error_name_the_image_and_the_line_that_named_it(data):
+    sets = _policy_build("json_caption", "error", root=str(data["root"]), image_root="images",
+                         annotations={"train": "ann/cap_train.jsonl", "val": "ann/cap_val.json"})
+    _damage(data)
+    assert sets["val"][0]["image_id"] == "val-0"
+    with pytest.raises(BadRecordError, match=r"cap_val.json record 1, image 'pics/img1.png': bad record \(corrupt_image: "):
+        sets["val"][1]
+    with pytest.raises(BadRecordError, match=r"cap_train.jsonl line 3, image 'pics/img2.jpg': bad record \(missing_image: "):
+        sets["train"][4]  # (image 2, caption 0); train samples are never replaced under `error` either

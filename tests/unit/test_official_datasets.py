@@ -225,11 +225,14 @@ QUICK_EVAL = ["run.batch_size_eval=4", "run.num_workers=0", "run.num_beams=1", "
               "run.device=cpu", "run.distributed=false", "run.amp=false"]
 
 
-def _project(tmp_path: Path, dataset: str, task: str, build_info: dict, splits: list[str]) -> Path:
+def _project(tmp_path: Path, dataset: str, task: str, build_info: dict, splits: list[str], image_size=64) -> Path:
+    """A project file; ``image_size=None`` leaves the processors at the dataset's defaults (as the README's block)."""
+    dcfg = {"build_info": build_info}
+    if image_size is not None:
+        dcfg["vis_processor"] = {"eval": {"name": "blip_image_eval", "image_size": image_size}}
     project = {
         "model": {"arch": "blip2_t5_ext", "model_type": "tiny"},
-        "datasets": {dataset: {"build_info": build_info, "vis_processor": {"eval": {"name": "blip_image_eval",
-                                                                                     "image_size": 64}}}},
+        "datasets": {dataset: dcfg},
         "run": {"task": task, "runner": "runner_base", "test_splits": splits, "seed": 1, "output_dir": str(tmp_path / "runs")},
     }
     path = tmp_path / f"{task}.yaml"
@@ -269,3 +272,53 @@ def test_evaluate_py_scores_gqa_by_exact_match(synthetic_root, gqa, tmp_path):
 
     rescored = score_gqa(run_dir / "result" / "test_gqa_result_epochbest.json", gqa / "testdev_balanced_questions.json")
     assert rescored["metrics"]["overall"] == metrics["overall"]
+
+
+def test_vqa_result_file_is_accepted_by_the_official_vqa_api(synthetic_root, vqav2, tmp_path):
+    """The result file carries VQAv2's integer question ids, so the official VQA API (LAVIS ships it) loads it and
+    its evaluation gives our number. With string ids: AssertionError: Results do not correspond to current VQA set."""
+    from lavis.common.vqa_tools.vqa import VQA
+    from lavis.common.vqa_tools.vqa_eval import VQAEval
+
+    info = _vqa_info(vqav2)
+    del info["questions"]["test"]
+    project = _project(tmp_path, "vqa_files", "vqa_ext", info, ["val"])
+    runner, logs = cli.evaluate(["--cfg-path", str(project), "--options", *QUICK_EVAL])
+    result = Path(runner.output_dir) / "result" / "val_vqa_result_epochbest.json"
+    ids = [r["question_id"] for r in json.loads(result.read_text())]
+    assert ids == [q * 1000 + j for q in VAL_IDS for j in range(2)]  # VQAv2's integers
+    questions = str(vqav2 / "v2_OpenEnded_mscoco_val2014_questions.json")
+    official = VQA(str(vqav2 / "v2_mscoco_val2014_annotations.json"), questions)
+    loaded = official.loadRes(str(result), questions)
+    assert sorted(loaded.getQuesIds()) == sorted(official.getQuesIds())
+    evaluation = VQAEval(official, loaded, n=2)
+    evaluation.evaluate()
+    assert evaluation.accuracy["overall"] == pytest.approx(logs["val"]["agg_metrics"], abs=0.01)
+
+
+def test_files_builders_take_the_image_size_from_the_model(synthetic_root, gqa, tmp_path):
+    """The README's block sets no processor: vqa_files / gqa_files default to image_size null, the model's (the tiny
+    model's 64 px here, not 224: 'Input image size (224*224) doesn't match model (64*64)')."""
+    info = {"root": str(gqa), "image_root": "images", "questions": {"test": "testdev_balanced_questions.json"}}
+    runner, logs = cli.evaluate(["--cfg-path", str(_project(tmp_path, "gqa_files", "gqa_ext", info, ["test"], None)),
+                                 "--options", *QUICK_EVAL])
+    assert runner.datasets["test"][0]["image"].shape == (3, 64, 64)
+    assert 0.0 <= logs["test"]["agg_metrics"] <= 100.0
+
+
+def test_an_image_size_other_than_the_models_fails_before_any_work_naming_the_key(vqav2, tmp_path, monkeypatch):
+    project = _project(tmp_path, "vqa_files", "vqa_ext", _vqa_info(vqav2), ["val"], image_size=224)
+    from lavis_ext.datasets import official
+
+    monkeypatch.setattr(official, "read_vqa_files", lambda *a: pytest.fail("files were read before the check"))
+    key = r"datasets\.vqa_files\.vis_processor\.eval\.image_size"
+    with pytest.raises(ValueError, match=rf"{key} is 224, but the model takes 64x64 images .*set {key}=64"):
+        cli.evaluate(["--cfg-path", str(project), "--options", *QUICK_EVAL])
+
+
+def test_a_null_image_size_outside_a_task_names_the_key(vqav2):
+    cls = registry.get_builder_class("vqa_files")
+    cfg = OmegaConf.load(cls.DATASET_CONFIG_DICT["default"]).datasets["vqa_files"]
+    cfg.build_info = OmegaConf.merge(cfg.build_info, _vqa_info(vqav2))
+    with pytest.raises(ValueError, match=r"datasets\.vqa_files\.vis_processor\.train\.image_size is null"):
+        cls(cfg).build_datasets()

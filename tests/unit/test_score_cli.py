@@ -60,6 +60,59 @@ def test_captions_from_our_jsonl_records_through_lavis_ext_score(tmp_path):
     assert json.loads(out.read_text())["metrics"]["CIDEr"] == evaluate_captions(PREDS, REFS, metrics=["CIDEr"])["CIDEr"]
 
 
+def _karpathy_gt(tmp_path: Path) -> Path:
+    """LAVIS's coco_karpathy_test_gt.json: COCO format, integer ids, images without file names."""
+    pairs = [(i, c) for i, cs in REFS.items() for c in cs]
+    anns = [{"image_id": i, "caption": c, "id": n} for n, (i, c) in enumerate(pairs)]
+    return _write(tmp_path / "coco_karpathy_test_gt.json", {"annotations": anns, "images": [{"id": i} for i in REFS]})
+
+
+def _karpathy_path(image_id: int) -> str:
+    return f"val2014/COCO_val2014_{image_id:012d}.jpg"
+
+
+@needs_java
+def test_karpathy_path_results_score_against_the_karpathy_gt_file(tmp_path, capsys):
+    """captioning_ext on LAVIS's coco_karpathy_test.json (json_caption) keys results by image path; the Karpathy
+    ground truth keys images by COCO id: the number that ends the path."""
+    results = _write(tmp_path / "res.json", [{"image_id": _karpathy_path(i), "caption": c} for i, c in PREDS.items()])
+    assert main(["captions", "--results", str(results), "--annotations", str(_karpathy_gt(tmp_path)),
+                 "--metrics", "CIDEr"]) == 0
+    report = json.loads((tmp_path / "res_metrics.json").read_text())
+    assert report["metrics"]["CIDEr"] == evaluate_captions(PREDS, REFS, metrics=["CIDEr"])["CIDEr"]
+    assert report["ids_matched_by_file_name"] == 3
+    assert "3 result ids matched to annotation ids by image file name" in capsys.readouterr().out
+
+
+def test_karpathy_path_results_that_do_not_match_are_named(tmp_path, capsys):
+    rows = [{"image_id": _karpathy_path(i), "caption": c} for i, c in PREDS.items()]
+    rows[2]["image_id"] = "val2014/not_coco.jpg"
+    results = _write(tmp_path / "res.json", rows)
+    assert main(["captions", "--results", str(results), "--annotations", str(_karpathy_gt(tmp_path))]) == 1
+    err = capsys.readouterr().err
+    assert "1 predicted id(s) have no references, e.g. ['val2014/not_coco.jpg']" in err
+    assert "have references but no prediction, e.g. ['184613']" in err
+    rows[2]["image_id"] = 391895  # LAVIS's own id for the first image: two results for it
+    _write(tmp_path / "res.json", rows)
+    assert main(["captions", "--results", str(results), "--annotations", str(_karpathy_gt(tmp_path))]) == 1
+    assert "both name image '391895'" in capsys.readouterr().err
+
+
+def test_caption_ids_match_through_file_names_both_ways():
+    from lavis_ext.evaluation.score import match_caption_ids
+
+    refs = {str(i): cs for i, cs in REFS.items()}
+    names = {str(i): f"COCO_val2014_{i:012d}.jpg" for i in REFS}  # captions_val2014.json's file names
+    preds = {f"COCO_val2014_{i:012d}.jpg": c for i, c in PREDS.items()}
+    assert match_caption_ids(preds, refs, names) == ({str(i): c for i, c in PREDS.items()}, 3)
+    # LAVIS's integer results against the Karpathy records (keyed by path)
+    by_path = {_karpathy_path(i): cs for i, cs in REFS.items()}
+    assert match_caption_ids({str(i): c for i, c in PREDS.items()}, by_path, {}) == (
+        {_karpathy_path(i): c for i, c in PREDS.items()}, 3)
+    # ids that already match are left alone
+    assert match_caption_ids({"391895": "x"}, refs, names) == ({"391895": "x"}, 0)
+
+
 def test_captions_without_java_fail_with_the_install_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     results = _write(tmp_path / "res.json", [{"image_id": i, "caption": c} for i, c in PREDS.items()])
