@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,export,serve,video]"
 	$(PY) -m pip install -q --no-deps salesforce-lavis==1.0.2
+	$(PY) -m pip install -q --no-deps -c constraints.txt img2dataset  # see the dev extra in pyproject.toml
 	touch $@
 
 data: setup

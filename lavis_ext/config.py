@@ -40,7 +40,7 @@ RUN_KEYS = {
 
 MODEL_KEYS = {
     "arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned",
-    "vit_model", "vit_config", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
+    "vit_model", "vit_config", "vit_depth", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
     "freeze_vit", "num_query_token", "cross_attention_freq", "embed_dim", "max_txt_len", "prompt",
     "qformer_tokenizer", "qformer_model", "qformer_config",
     "opt_model", "opt_tokenizer", "opt_config", "t5_model", "t5_tokenizer", "t5_config",
@@ -50,7 +50,11 @@ MODEL_KEYS = {
     "qformer_grad_checkpoint", "llm_grad_checkpoint",
 }
 
-DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "shuffle_buffer", "prompt", "type"}
+DATASET_KEYS = {
+    "data_type", "build_info", "vis_processor", "text_processor", "shuffle_buffer", "prompt", "type",
+    "on_bad_record",  # lavis_ext.datasets.bad_records: skip (count, report) or error
+    "sample_ratio",  # mixing several training datasets (lavis_ext.runners.runner_base, LAVIS main's key)
+}
 
 
 def project_config(args):

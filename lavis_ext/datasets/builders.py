@@ -7,7 +7,13 @@ shards carry their text, and the lengths come from ``sizes.json`` or the config.
 ``build_info`` keys (defaults in ``lavis_ext/configs/datasets/wds_{caption,vqa}/defaults.yaml``):
 ``root`` (patterns and the sizes file are relative to it), ``sizes``, ``shards`` ({split: pattern};
 null = every split in the sizes file with its pattern), ``lengths`` ({split: N}, wins over the sizes
-file), ``split_by`` and ``seed`` (see :mod:`lavis_ext.datasets.wds_pipeline`).
+file), ``split_by`` and ``seed`` (see :mod:`lavis_ext.datasets.wds_pipeline`), ``resampled`` (true: the
+train split samples shards with replacement forever and needs no length, :mod:`lavis_ext.datasets.wds_stream`).
+
+Lengths, first found wins: ``lengths.<split>``; the sizes file's entry for the split; without either,
+img2dataset's ``NNNNN_stats.json`` beside every local shard of the split (:mod:`lavis_ext.datasets.shard_index`
+says what that assumes). ``lavis-ext shards index ROOT`` writes a sizes file for any shards. The dataset key
+``on_bad_record`` (``skip`` | ``error``, :mod:`lavis_ext.datasets.bad_records`) goes to every split.
 """
 from __future__ import annotations
 
@@ -20,12 +26,17 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from omegaconf import DictConfig, OmegaConf
 
-from lavis_ext.datasets.wds_pipeline import DEFAULT_VQA_PROMPT, MODES, WdsSplitDataset, read_sizes, split_length
+from lavis_ext.datasets.bad_records import resolve_policy
+from lavis_ext.datasets.shard_index import length_from_stats
+from lavis_ext.datasets.wds_pipeline import (
+    DEFAULT_VQA_PROMPT, MODES, WdsSplitDataset, expand_shards, read_sizes, split_length,
+)
+from lavis_ext.datasets.wds_stream import ResampledWdsDataset
 
 logger = logging.getLogger(__name__)
 
 _CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "datasets"
-BUILD_INFO_KEYS = ("root", "sizes", "shards", "lengths", "split_by", "seed")
+BUILD_INFO_KEYS = ("root", "sizes", "shards", "lengths", "split_by", "seed", "resampled")
 
 
 def read_build_info(config, valid_keys, name: str) -> dict:
@@ -83,30 +94,41 @@ class WdsBuilder(BaseDatasetBuilder):
             return None
         if root is not None and not os.path.isabs(path):
             path = os.path.join(str(root), path)
-        explicit = info.get("shards") and all(s in (info.get("lengths") or {}) for s in info["shards"])
-        if explicit and not os.path.isfile(path):
-            return None  # shards and lengths are all given: the sizes file is not needed
-        return read_sizes(path)  # a missing file raises FileNotFoundError naming the path and the fix
+        if info.get("shards") and not os.path.isfile(path):
+            return None  # shards given: lengths come from build_info.lengths or img2dataset stats (_build_split)
+        return read_sizes(path)  # a missing file raises FileNotFoundError naming the path and the options
 
     def _build_split(self, split: str, pattern, info: dict, root, sizes: dict | None) -> WdsSplitDataset:
         train = split == "train"
         mode = f"{self.kind}_{'train' if train else 'eval'}"
         lengths = info.get("lengths") or {}
+        from_stats = None
+        if split not in lengths and split not in (sizes or {}).get("splits", {}):  # img2dataset stats, if all have one
+            from_stats = length_from_stats(expand_shards(pattern, root), MODES[mode])
         if split in lengths:
             length = int(lengths[split])
         elif sizes is not None and split in sizes["splits"]:
             length = split_length(sizes, split, mode)
+        elif from_stats is not None:
+            length = from_stats
+        elif train and info.get("resampled"):
+            length = None  # an endless stream: runner_iter needs no length
         else:
             raise ValueError(
-                f"datasets.{self.name}: split {split!r} has no length; set build_info.lengths.{split} "
-                f"(number of {MODES[mode]}) "
-                "or point build_info.sizes at a sizes.json that lists it"
+                f"datasets.{self.name}: split {split!r} has no length; count the shards into a sizes file "
+                f"(`lavis-ext shards index {root or '<root>'}`, then build_info.sizes=sizes.json), or set "
+                f"build_info.lengths.{split} (number of {MODES[mode]}); img2dataset's NNNNN_stats.json beside "
+                "every shard also give it (images and captions only)"
             )
+        entry = (sizes or {}).get("splits", {}).get(split, {})
+        counts = {os.path.join(str(root), rel) if root is not None and not os.path.isabs(rel) else rel: n
+                  for rel, n in (entry.get("shard_samples") or {}).items()}
         proc = "train" if train else "eval"
         kwargs = {}
         if self.kind == "vqa":
             kwargs["prompt"] = self.config.get("prompt", DEFAULT_VQA_PROMPT)
-        dataset = WdsSplitDataset(
+        stream_cls = ResampledWdsDataset if train and info.get("resampled") else WdsSplitDataset
+        dataset = stream_cls(
             urls=list(pattern) if isinstance(pattern, (list, tuple)) else pattern,
             mode=mode,
             vis_processor=self.vis_processors[proc],
@@ -117,6 +139,8 @@ class WdsBuilder(BaseDatasetBuilder):
             root=root,
             split_by=info.get("split_by") or "auto",
             name=f"{self.name}/{split}",
+            on_bad_record=resolve_policy(self.config.get("on_bad_record"), f"datasets.{self.name}.on_bad_record"),
+            shard_samples=counts,
             **kwargs,
         )
         logger.info("built %r", dataset)

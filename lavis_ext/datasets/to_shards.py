@@ -15,10 +15,17 @@ PNG/WebP keep their extension, other formats are re-encoded as PNG) and ``KEY.js
       wds_caption:   # or wds_vqa
         build_info: {root: OUT, sizes: sizes.json}
 
-Images that are missing or do not decode are left out, counted and reported.
+Every image is fully decoded through :func:`lavis_ext.images.decode_image` first, so one that is missing,
+truncated (even after ``import lavis`` made PIL accept truncated files) or corrupt is left out, counted and
+reported, never written. A format kept as it is (JPEG/PNG/WebP) keeps its bytes (a 16-bit PNG too: the
+datasets decode it scaled); any other (TIFF, BMP, ...) is re-encoded as 8-bit PNG from the decoded image, so
+16-bit data is scaled, not clipped.
 
-CLI: ``python -m lavis_ext.datasets.to_shards --kind caption|vqa|coco --annotations FILE --image-root DIR
---out DIR --split train [--shard-size 1000] [--prefix shard]`` (also ``lavis-ext shards ...``).
+CLI (``lavis-ext shards`` has two subcommands; the old flag form without ``convert`` still works)::
+
+    lavis-ext shards convert --kind caption|vqa|coco --annotations FILE --image-root DIR --out DIR --split train
+        [--shard-size 1000] [--prefix shard]        # also: python -m lavis_ext.datasets.to_shards ...
+    lavis-ext shards index DIR [--split NAME] [--pattern P]   # sizes.json for existing shards (shard_index)
 """
 from __future__ import annotations
 
@@ -27,12 +34,14 @@ import io
 import json
 import logging
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 
 from lavis_ext.datasets.annotations import KINDS, ImageEntry, load_annotations
+from lavis_ext.images import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +52,15 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (webdataset splits keys at th
 
 
 def _image_payload(entry: ImageEntry) -> tuple[str, bytes]:
-    """``(extension, bytes)``; raises OSError/PIL errors for a missing or undecodable image."""
+    """``(extension, bytes)``; raises OSError/PIL errors for a missing, truncated or undecodable image."""
     data = Path(entry.path).read_bytes()
+    decoded = decode_image(data)  # strict: a truncated file fails here, not silently grey in training
     with Image.open(io.BytesIO(data)) as image:
-        image.load()  # decode fully: a truncated file fails here, not in training
         fmt = image.format
-        if fmt in _PASS_THROUGH:
-            return _PASS_THROUGH[fmt], data
-        buf = io.BytesIO()
-        image.convert("RGB").save(buf, format="PNG")
+    if fmt in _PASS_THROUGH:
+        return _PASS_THROUGH[fmt], data
+    buf = io.BytesIO()
+    decoded.save(buf, format="PNG")  # 8-bit RGB, 16-bit data scaled by decode_image
     return "png", buf.getvalue()
 
 
@@ -156,9 +165,21 @@ def write_shards(
 
 
 def main(argv=None) -> int:
-    """CLI entry point; returns the exit status."""
+    """``lavis-ext shards {convert,index} ...``; no subcommand (flags first) means ``convert``. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "index":
+        from lavis_ext.datasets.shard_index import main as index_main
+
+        return index_main(argv[1:])
+    if argv and argv[0] == "convert":
+        argv = argv[1:]
+    elif argv and not argv[0].startswith("-"):
+        print(f"lavis-ext shards: unknown subcommand {argv[0]!r}; use convert (annotations + images -> shards) "
+              "or index (sizes.json for existing shards)", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(
-        prog="python -m lavis_ext.datasets.to_shards",
+        prog="lavis-ext shards convert",
+        epilog="lavis-ext shards index DIR: write sizes.json for shards that exist already (e.g. img2dataset output).",
         description="Convert a caption/VQA/COCO annotation file and its images into webdataset shards + sizes.json.",
     )
     parser.add_argument("--kind", required=True, choices=sorted(KINDS), help="annotation format")

@@ -8,11 +8,17 @@ each sample exactly once, and runner_base needs a length; VQA training needs ``t
 kind of IterableDataset) whose stages are::
 
     shard list (this rank/worker's share; shard order shuffled per epoch for training)
-    -> wds.tarfile_to_samples (tar read errors: counted, logged, next shard)
+    -> tar samples (webdataset's gopen: local, http(s)://, pipe:, ...; tar damage counted, see below)
     -> sample-level share (only when shards do not divide evenly, see below)
     -> expand to units of the mode (one per caption / image / question), validating json and text
     -> wds.shuffle (buffer; rng seeded by seed, epoch, rank, worker)
-    -> decode (PIL -> RGB -> vis_processor; corrupt images counted and skipped) and format
+    -> decode (lavis_ext.images.decode_image -> vis_processor; corrupt or truncated images counted
+       and skipped, 16-bit scaled) and format
+
+Text. Captions come from the first of these that holds a non-empty caption: the ``json`` member's
+``captions`` list (the synthetic and ``lavis-ext shards convert`` layout), its ``caption`` string, the
+``txt`` member (img2dataset writes both of the last two, with the same text). A caption sample needs
+no ``json`` when it has a ``txt``. Questions come only from ``json["questions"]``.
 
 Splitting. Readers are ``world_size x num_workers`` (rank-major). With ``split_by="shard"`` reader
 ``k`` reads shards ``k, k + readers, ...``; with ``"sample"`` every reader opens every shard and keeps
@@ -22,25 +28,39 @@ otherwise, so no configuration ever drops or duplicates a sample. Explicit ``"sh
 uneven count still reads each sample once, but readers get unequal shares (logged); with fewer
 shards than readers it raises, since some readers would have nothing.
 
-Skipped samples (missing image/json/text, bad json, corrupt image, tar read errors) are counted by
+Skipped samples (missing image/json/text, bad json or text, corrupt image, tar damage) are counted by
 reason in ``dataset.skipped`` (exact for a pass iterated in this process: ``num_workers=0``); every
 process logs the first ``max_warnings`` skips with key and shard, then a summary when its pass ends.
 Counts are per tar sample (an image with five captions counts once), reset at the start of each pass;
 ``partial_text`` counts samples kept without some of their captions/questions (empty or incomplete).
-Tar damage: a shard that is not a tar, or is cut inside a member's data, raises in Python's tarfile and
-is counted as ``tar_error`` (once per shard; the samples before the damage arrive). A damaged or cut
-member *header* after the first one ends the archive quietly (tarfile treats it as the end), so the
-rest of that shard is lost uncounted: compare a pass with ``len()`` when that matters.
+``on_bad_record: error`` (:mod:`lavis_ext.datasets.bad_records`) raises on the first of them instead.
+
+Tar damage is counted as ``tar_error`` once per shard, with the samples it cost (``lost_samples``). A
+shard that is not a tar, is missing (an http 404), or is cut inside a member's data raises in Python's
+tarfile. A damaged member *header* after the first, a shard cut at a member boundary, or data after the
+end-of-archive marker end the archive *quietly* in tarfile; :class:`_EndTarInfo` records why tarfile
+stopped, so only a real end-of-archive marker (zero blocks to the end) counts as a clean end. The samples
+lost are exact when the shard's sample count is known: ``shard_samples`` (``sizes.json``'s per-split
+``shard_samples``, written by ``lavis-ext shards index``) or img2dataset's ``NNNNN_stats.json`` beside a
+local ``NNNNN.tar`` (``successes``); a shard that reads another number of samples than its count without
+any damage is warned about too. Every reader that opens a damaged shard reports it (with ``split_by``
+``sample`` that is every reader).
+
+Length check. A pass that ends (its source exhausted, not a loader that stopped early) compares the units
+it yielded with ``len()``: with one reader (one process, ``num_workers`` 0 or 1) the comparison is exact
+and a mismatch is warned with the true count, since the epoch loader would silently re-read samples of
+the next pass to fill a length that overstates the data. With several readers each one sees only its own
+share, so each logs its count (``last_pass_units``) at INFO and only their sum can be compared.
 """
 from __future__ import annotations
 
 import difflib
-import io
 import json
 import logging
 import os
 import random
 import re
+import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +69,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import braceexpand
 import torch
 import webdataset as wds
-from PIL import Image
+
+from lavis_ext.datasets.bad_records import BadRecordError, resolve_policy
+from lavis_ext.images import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -124,17 +146,19 @@ def expand_shards(urls: str | Sequence[str], root: str | os.PathLike | None = No
 
 
 def read_sizes(path: str | os.PathLike) -> dict:
-    """Load a ``sizes.json`` written by the synthetic generator (or by hand for other shards).
+    """Load a ``sizes.json`` (written by ``lavis-ext shards index|convert``, the synthetic generator, or by hand).
 
     Raises:
-        FileNotFoundError: no such file (names it and the fix).
+        FileNotFoundError: no such file (names it and the ways to get the lengths).
         ValueError: the file has no ``splits`` mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"sizes file {str(path)!r} does not exist; generate the data (python -m lavis_ext.datasets.synthetic "
-            "--out <root>) or give build_info.lengths explicitly"
+            f"sizes file {str(path)!r} does not exist; count existing shards into it with "
+            f"`lavis-ext shards index {str(path.parent)!r}`, or give build_info.shards with build_info.lengths "
+            "(or img2dataset's NNNNN_stats.json files beside the shards), or for the synthetic data generate it "
+            "(python -m lavis_ext.datasets.synthetic --out <root>)"
         )
     sizes = json.loads(path.read_text())
     if not isinstance(sizes.get("splits"), dict):
@@ -261,10 +285,14 @@ class WdsSplitDataset(wds.DataPipeline):
         split_by: ``auto`` | ``shard`` | ``sample`` (module docstring).
         rank, world_size: override the torch.distributed rank/world (tests, custom launchers).
         max_warnings: skip warnings logged per pass and process before only counting.
-        name: label for log lines (e.g. ``wds_caption/val``).
+        name: label for log lines (e.g. ``wds_caption/val``; the part before ``/`` names the dataset in errors).
+        on_bad_record: ``skip`` (count and log) or ``error`` (raise :class:`BadRecordError` on the first).
+        shard_samples: ``{url: tar samples}`` for shards whose count is known (sizes.json), so tar damage
+            reports exactly how many samples it cost; local shards with an img2dataset ``_stats.json``
+            beside them are looked up too.
 
     Raises:
-        ValueError: unknown mode or split policy, a prompt without ``{}``, a bad rank/world pair.
+        ValueError: unknown mode, split or bad-record policy, a prompt without ``{}``, a bad rank/world pair.
         FileNotFoundError: a local pattern that matches nothing (names it).
     """
 
@@ -284,6 +312,8 @@ class WdsSplitDataset(wds.DataPipeline):
         world_size: int | None = None,
         max_warnings: int = 10,
         name: str | None = None,
+        on_bad_record: str | None = None,
+        shard_samples: dict | None = None,
     ):
         super().__init__()
         _unit(mode)
@@ -310,6 +340,11 @@ class WdsSplitDataset(wds.DataPipeline):
         self.world_override = world_size
         self.max_warnings = int(max_warnings)
         self.name = name or mode
+        where = f"datasets.{self.name.split('/')[0]}" if "/" in self.name else "datasets.<name>"
+        self.on_bad_record = resolve_policy(on_bad_record, f"{where}.on_bad_record")
+        self._policy_name = where
+        self.shard_samples = _shard_counts(self.urls, shard_samples)
+        self.last_pass_units: int | None = None
         self.epoch = 0
         self.skipped: Counter = Counter()
         self._bad_keys: set[tuple[str, str]] = set()
@@ -317,7 +352,7 @@ class WdsSplitDataset(wds.DataPipeline):
         self._uneven_logged = False
         self.pipeline = [
             self._shard_source,
-            wds.tarfile_to_samples(handler=self._on_tar_error),
+            self._tar_samples,
             self._own_samples,
             self._expand,
             self._shuffle,
@@ -411,68 +446,91 @@ class WdsSplitDataset(wds.DataPipeline):
         self.skipped = Counter()
         self._bad_keys = set()
         self._warned = 0
+        yielded = dropped = 0
+        exhausted = False
         try:
             for unit in src:
                 try:
-                    with Image.open(io.BytesIO(unit["image_bytes"])) as raw:
-                        image = raw.convert("RGB")
+                    image = decode_image(unit["image_bytes"])  # truncated files raise; 16-bit is scaled
                 except Exception as exn:  # PIL raises many types for bad bytes
+                    dropped += 1
                     self._skip("corrupt_image", unit["__key__"], unit["__url__"], f"{type(exn).__name__}: {exn}")
                     continue
                 if self.vis_processor is not None:
                     image = self.vis_processor(image)
+                yielded += 1
                 yield self._format(unit, image)
+            exhausted = True
         finally:
+            if exhausted:  # not when the consumer stopped early (an epoch that ends mid-pass)
+                self._check_pass_length(yielded, dropped)
             self._log_pass_summary()
 
     # ---- validation and output --------------------------------------------------------------
     def _units(self, sample: dict) -> Iterator[dict]:
         """Validate one tar sample and yield its units; webdataset has no hook for content checks."""
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-        image_bytes = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if image_bytes is None:
-            self._skip("missing_image", key, url, f"no {'/'.join(IMAGE_KEYS)} entry (has {_entries(sample)})")
+        parsed = parse_sample(sample, "caption" if self.mode.startswith("caption") else "vqa")
+        if isinstance(parsed, _Problem):
+            self._skip(parsed.reason, key, url, parsed.detail)
             return
-        if "json" not in sample:
-            self._skip("missing_json", key, url, f"no json entry (has {_entries(sample)})")
-            return
-        try:
-            meta = json.loads(sample["json"])
-            if not isinstance(meta, dict):
-                raise ValueError(f"json is a {type(meta).__name__}, not an object")
-        except ValueError as exn:
-            self._skip("bad_json", key, url, str(exn))
-            return
-        base = {"__key__": key, "__url__": url, "image_bytes": image_bytes, "image_id": str(meta.get("image_id", key))}
-        if self.mode.startswith("caption"):
-            raw = meta.get("captions")
-            captions = [c for c in raw if isinstance(c, str) and c.strip()] if isinstance(raw, list) else []
-            if not captions:
-                self._skip("missing_text", key, url, "no non-empty 'captions' list")
-                return
-            if len(captions) != len(raw):
-                self._skip("partial_text", key, url, f"{len(raw) - len(captions)} empty caption(s) dropped", drop=False)
-            if self.mode == "caption_train":
-                for caption in captions:
-                    yield {**base, "caption": caption}
-            else:
-                yield {**base, "captions": captions}
-            return
-        raw = meta.get("questions")
-        questions = [q for q in raw if _valid_question(q)] if isinstance(raw, list) else []
-        if not questions:
-            self._skip("missing_text", key, url, "no question with a non-empty 'question' and 'answers'")
-            return
-        if len(questions) != len(raw):
-            self._skip("partial_text", key, url, f"{len(raw) - len(questions)} incomplete question(s) dropped", drop=False)
-        for j, q in enumerate(questions):
-            yield {**base, "question": q, "question_id": str(q.get("question_id", f"{key}-q{j}"))}
+        base, items, partial = parsed
+        if partial:
+            self._skip("partial_text", key, url, partial, drop=False)
+        if self.mode == "caption_train":
+            for caption in items:
+                yield {**base, "caption": caption}
+        elif self.mode == "caption_eval":
+            yield {**base, "captions": items}
+        else:
+            for j, q in enumerate(items):
+                yield {**base, "question": q, "question_id": str(q.get("question_id", f"{key}-q{j}"))}
+
+    def count_readable(self) -> dict:
+        """Read every shard once (all of them, whatever the rank) and count what the modes would yield.
+
+        Returns:
+            ``{"images", "captions", "questions", "shard_samples": {url: tar samples read}, "skipped"}``:
+            ``captions`` / ``questions`` are the ``*_train`` units, ``images`` the ``caption_eval`` units
+            (images with a caption; for a split without captions, images with a question). Images are
+            decoded, so a corrupt one is not counted. ``skipped`` counts samples by reason as a pass would.
+        """
+        self.skipped, self._bad_keys, self._warned = Counter(), set(), 0
+        counts = Counter()
+        per_shard: dict[str, int] = {}
+        for url in self.urls:
+            for sample in self._read_shard(url):
+                per_shard[url] = per_shard.get(url, 0) + 1
+                key = sample.get("__key__", "?")
+                caption = parse_sample(sample, "caption")
+                vqa = parse_sample(sample, "vqa")
+                if isinstance(caption, _Problem) and isinstance(vqa, _Problem):
+                    self._skip(caption.reason, key, url, caption.detail)
+                    continue
+                try:
+                    decode_image((caption if not isinstance(caption, _Problem) else vqa)[0]["image_bytes"])
+                except Exception as exn:  # PIL raises many types for bad bytes
+                    self._skip("corrupt_image", key, url, f"{type(exn).__name__}: {exn}")
+                    continue
+                if not isinstance(caption, _Problem):
+                    counts["images_with_captions"] += 1
+                    counts["captions"] += len(caption[1])
+                if not isinstance(vqa, _Problem):
+                    counts["images_with_questions"] += 1
+                    counts["questions"] += len(vqa[1])
+            per_shard.setdefault(url, 0)  # an empty or unreadable shard
+        images = counts["images_with_captions"] if counts["captions"] else counts["images_with_questions"]
+        return {"images": images, "captions": counts["captions"], "questions": counts["questions"],
+                "shard_samples": per_shard, "skipped": dict(self.skipped)}
 
     def _format(self, unit: dict, image) -> dict:
         return format_sample(self.mode, unit, image, self.text_processor, self.prompt)
 
     # ---- skip accounting ----------------------------------------------------------------------
-    def _skip(self, reason: str, key: str, url: str, detail: str, drop: bool = True, what: str | None = None) -> None:
+    def _skip(self, reason: str, key: str, url: str, detail: str, drop: bool = True, what: str | None = None,
+              where: str | None = None) -> None:
+        if self.on_bad_record == "error":
+            raise BadRecordError(where or f"shard {url}, key {key!r}", reason, detail, name=self._policy_name)
         if (reason, key) in self._bad_keys:
             return  # the same image seen again (one unit per caption), or the same shard: count it once
         self._bad_keys.add((reason, key))
@@ -484,13 +542,90 @@ class WdsSplitDataset(wds.DataPipeline):
         elif self._warned == self.max_warnings + 1:
             logger.warning("%s: more skipped samples; only counting them from now on (summary at the end of the pass)", self.name)
 
-    def _on_tar_error(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable tars: count once per shard, log, go on with the next shard."""
-        text = " ".join(str(a) for a in exn.args)
-        url = next((u for u in self.urls if u in text), "?")  # webdataset appends the url or the stream's name
-        detail = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-        self._skip("tar_error", url, url, detail, what="skipping the rest of the shard")
-        return True
+    def _tar_samples(self, src: Iterable[dict]) -> Iterator[dict]:
+        for source in src:
+            yield from self._read_shard(source["url"])
+
+    def _read_shard(self, url: str) -> Iterator[dict]:
+        """The tar samples of one shard, grouped by key as webdataset groups them (``KEY.ext`` members in a
+        row). Written here, not wds.tarfile_to_samples: its tarfile ends quietly at a damaged header and
+        its error handler sees neither the samples read nor the shard's key, so losses went uncounted."""
+        read, last_key, damage = 0, None, None
+        stream = None
+        current: dict | None = None
+        try:
+            stream = wds.gopen(url, "rb")
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndTarInfo)
+            for info in tar:
+                if not info.isreg() or info.name.startswith("__") and info.name.endswith("__"):
+                    continue
+                prefix, suffix = wds.tariterators.base_plus_ext(info.name)
+                if prefix is None:
+                    continue
+                data = tar.extractfile(info).read()
+                tar.members = []  # a streamed shard must not keep every header in memory
+                if current is None or prefix != current["__key__"]:
+                    if current is not None:
+                        read, last_key = read + 1, current["__key__"]
+                        yield current
+                    current = {"__key__": prefix, "__url__": url}
+                current.setdefault(suffix.lower(), data)  # a duplicate member: the first one is kept
+            damage = _end_damage(tar)
+        except (OSError, tarfile.TarError, EOFError, ValueError) as exn:  # gopen/curl/pipe and tarfile errors
+            damage = f"{type(exn).__name__}: {exn}"
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception as exn:  # a pipe/curl that exited non-zero says so here
+                    damage = damage or f"{type(exn).__name__}: {exn}"
+        if current is not None:  # the last sample, also before damage (validation catches a partial one)
+            read, last_key = read + 1, current["__key__"]
+            yield current
+        expected = self.shard_samples.get(url)
+        if damage is not None:
+            if expected is not None:
+                lost = max(expected - read, 0)
+                cost = f"{lost} of its {expected} samples lost"
+                if lost:
+                    self.skipped["lost_samples"] += lost
+            else:
+                cost = (f"{read} samples read, the rest lost (how many is unknown: no per-shard count in sizes.json "
+                        "or an img2dataset _stats.json; the end-of-pass length check shows the total)")
+            after = f" after key {last_key!r}" if last_key is not None else " before its first sample"
+            self._skip("tar_error", url, url, f"{damage}; {cost}", what=f"shard damaged{after}",
+                       where=f"shard {url}{after}")
+        elif expected is not None and read != expected:
+            logger.warning("%s: shard %s holds %d samples but its count says %d; recount with `lavis-ext shards "
+                           "index`", self.name, url, read, expected)
+
+    def _check_pass_length(self, yielded: int, dropped: int) -> None:
+        self.last_pass_units = yielded
+        if self.num_samples is None:
+            return
+        r = self._reader()
+        unit = MODES[self.mode]
+        if r.slots > 1:
+            logger.info("%s: pass done on reader %d of %d with %d %s; the length %d counts all readers' shares",
+                        self.name, r.slot, r.slots, yielded, unit, self.num_samples)
+            return
+        if yielded == self.num_samples:
+            return
+        if yielded < self.num_samples:
+            effect = ("so each epoch re-reads samples of the next pass to fill the gap" if self.mode.endswith("_train")
+                      else "so evaluation covers fewer samples than the length claims")
+            bad = f"; {dropped} {unit} were bad records and skipped {dict(sorted(self.skipped.items()))}" if self.skipped else ""
+            logger.warning(
+                "%s: the pass ended after %d %s but the length says %d (%d fewer%s), %s; set the true length "
+                "(`lavis-ext shards index ROOT` rewrites sizes.json, or build_info.lengths)",
+                self.name, yielded, unit, self.num_samples, self.num_samples - yielded, bad, effect,
+            )
+        else:
+            logger.warning(
+                "%s: the pass yielded %d %s but the length says %d, so an epoch stops before the data ends; set the "
+                "true length (`lavis-ext shards index ROOT` rewrites sizes.json, or build_info.lengths)",
+                self.name, yielded, unit, self.num_samples,
+            )
 
     def _log_pass_summary(self) -> None:
         if not self.skipped:
@@ -504,6 +639,112 @@ class WdsSplitDataset(wds.DataPipeline):
 
 def _entries(sample: dict) -> list[str]:
     return sorted(k for k in sample if not k.startswith("__"))
+
+
+@dataclass(frozen=True)
+class _Problem:
+    reason: str
+    detail: str
+
+
+def parse_sample(sample: dict, kind: str):
+    """Validate one tar sample for ``kind`` (``caption`` | ``vqa``).
+
+    Returns:
+        ``(base, items, partial)``: the unit fields shared by every unit of the sample, the captions
+        (strings) or questions (dicts), and a note about dropped empty/incomplete ones ("" if none);
+        or a ``_Problem(reason, detail)`` when the sample has no usable image or text.
+    """
+    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+    image_bytes = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if image_bytes is None:
+        return _Problem("missing_image", f"no {'/'.join(IMAGE_KEYS)} entry (has {_entries(sample)})")
+    meta: dict = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            if not isinstance(meta, dict):
+                raise ValueError(f"json is a {type(meta).__name__}, not an object")
+        except ValueError as exn:  # UnicodeDecodeError included
+            return _Problem("bad_json", str(exn))
+    elif kind == "vqa" or "txt" not in sample:
+        needs = "json" if kind == "vqa" else "json or txt"
+        return _Problem("missing_json", f"no {needs} entry (has {_entries(sample)})")
+    base = {"__key__": key, "__url__": url, "image_bytes": image_bytes, "image_id": str(meta.get("image_id", key))}
+    if kind == "caption":
+        return _captions(sample, meta, base)
+    raw = meta.get("questions")
+    questions = [q for q in raw if _valid_question(q)] if isinstance(raw, list) else []
+    if not questions:
+        return _Problem("missing_text", "no question with a non-empty 'question' and 'answers'")
+    partial = f"{len(raw) - len(questions)} incomplete question(s) dropped" if len(questions) != len(raw) else ""
+    return base, questions, partial
+
+
+def _captions(sample: dict, meta: dict, base: dict):
+    """The first caption source that holds a non-empty caption: json ``captions``, json ``caption``, ``txt``."""
+    raw = meta.get("captions")
+    if isinstance(raw, list):
+        captions = [c for c in raw if isinstance(c, str) and c.strip()]
+        if captions:
+            partial = f"{len(raw) - len(captions)} empty caption(s) dropped" if len(captions) != len(raw) else ""
+            return base, captions, partial
+    caption = meta.get("caption")
+    if isinstance(caption, str) and caption.strip():
+        return base, [caption], ""
+    if "txt" in sample:
+        try:
+            text = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as exn:
+            return _Problem("bad_text", f"txt is not UTF-8 ({exn})")
+        if text:
+            return base, [text], ""
+    return _Problem("missing_text", "no non-empty json 'captions' list, json 'caption' string or txt entry")
+
+
+class _EndTarInfo(tarfile.TarInfo):
+    """Records on the TarFile why its header reading stopped: tarfile's stream mode ends quietly on a zero
+    block (the end-of-archive marker) but also on a damaged header, a cut header or no data after the first
+    member, and only the exception tells them apart (``TarFile(tarinfo=...)`` is the public hook)."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exn:
+            tar.lavis_ext_end = exn
+            raise
+
+
+def _end_damage(tar: tarfile.TarFile) -> str | None:
+    """None when ``tar`` (iterated to its end) ended at a real end-of-archive marker, else what ended it."""
+    end = getattr(tar, "lavis_ext_end", None)
+    at = f"byte {tar.offset}"
+    if isinstance(end, tarfile.EOFHeaderError):
+        while True:  # the marker and the record padding are zeros; anything else is members tarfile skipped
+            chunk = tar.fileobj.read(tarfile.RECORDSIZE)
+            if not chunk:
+                return None
+            if chunk.strip(b"\0"):
+                return f"data after the end-of-archive marker at {at} (concatenated or overwritten tar)"
+    if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+        return f"the shard ends at {at} without an end-of-archive marker (cut short)"
+    if isinstance(end, tarfile.InvalidHeaderError):
+        return f"damaged member header at {at} ({end})"
+    return None if end is None else f"{type(end).__name__} at {at}: {end}"
+
+
+def _shard_counts(urls: Sequence[str], given: dict | None) -> dict[str, int]:
+    """Known tar-sample counts per shard URL: ``given`` first, then img2dataset's stats beside local shards."""
+    from lavis_ext.datasets.shard_index import img2dataset_successes
+
+    counts = {str(u): int(n) for u, n in (given or {}).items()}
+    for url in urls:
+        if url not in counts:
+            n = img2dataset_successes(url)
+            if n is not None:
+                counts[url] = n
+    return counts
 
 
 def _valid_question(q) -> bool:

@@ -1,4 +1,5 @@
-"""Registers RunnerBaseExt and binds the name `runner_base` to it."""
+"""Registers RunnerBaseExt and RunnerIterExt and binds the names `runner_base` / `runner_iter` to them."""
 from lavis_ext.runners.runner_base import RunnerBaseExt
+from lavis_ext.runners.runner_iter import RunnerIterExt
 
-__all__ = ["RunnerBaseExt"]
+__all__ = ["RunnerBaseExt", "RunnerIterExt"]

@@ -17,6 +17,14 @@ Resume, in short (docs/distributed.md has the whole story):
   training loader back at its position by replaying the consumed batches of the current pass (no
   forward/backward, data loading only), then restores this rank's RNG states, so the next sample and
   every random draw are those the uninterrupted run would have made.
+
+Several training datasets are mixed by ``datasets.<name>.sample_ratio`` (LAVIS main's key) or
+``run.train_dataset_ratios: {name: ratio}`` (1.0.2's, which only its runner_iter read, and which fails
+there with UnboundLocalError, runner_iter.py:250) with :class:`~lavis_ext.runners.loaders.MixedLoader`:
+seeded picks and a position that checkpoints carry, instead of LAVIS's stateless ``MultiIterLoader``.
+Without ratios LAVIS's grouping stays (map-style datasets concatenated, webdataset splits chained, the
+two kinds mixed uniformly), also through :class:`MixedLoader`. An epoch of a mix is the children's
+epochs summed (as if concatenated); runner_iter (:mod:`lavis_ext.runners.runner_iter`) counts iterations.
 """
 from __future__ import annotations
 
@@ -32,7 +40,6 @@ import torch
 import torch.distributed as dist
 from lavis.common.dist_utils import get_rank, get_world_size, is_main_process
 from lavis.common.registry import registry
-from lavis.datasets.datasets.dataloader_utils import MultiIterLoader
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import ChainDataset, DataLoader, DistributedSampler, IterableDataset
@@ -57,7 +64,7 @@ from lavis_ext.checkpoints import (
 )
 from lavis_ext.models.strategies import format_parameter_report
 from lavis_ext.runners import fsdp
-from lavis_ext.runners.loaders import EpochStreamLoader
+from lavis_ext.runners.loaders import EpochStreamLoader, MixedLoader
 
 from lavis_ext.runners.tracking import RunTracker
 from lavis_ext.tasks.base import resolve_amp_dtype
@@ -92,7 +99,9 @@ class RunnerBaseExt(RunnerBase):
         self._resume_auto = resume_path is not None and not cfg.run_cfg.get("resume_ckpt_path")
         self._resume_position = None
         self._pending_validation = None
-        self.best_agg_metric, self.best_epoch = 0, 0
+        # LAVIS starts at 0, so a metric that is never positive (image_text_pretrain_ext's negative loss) never
+        # made a best checkpoint; the first validation is the best so far
+        self.best_agg_metric, self.best_epoch = float("-inf"), 0
         self.tracker = RunTracker(self.output_dir, enabled=is_main_process())
         if hasattr(task, "attach_run"):
             task.attach_run(run_cfg=cfg.run_cfg, tracker=self.tracker)
@@ -209,29 +218,108 @@ class RunnerBaseExt(RunnerBase):
             )
 
     # ---- data -------------------------------------------------------------------------------
+    @property
+    def dataloaders(self) -> dict:
+        """LAVIS's loaders, with the training split of several datasets mixed by their sample ratios (module
+        docstring); LAVIS would concatenate or chain them. A split other than train given by two datasets
+        fails naming them (LAVIS: AssertionError: Do not support multiple val datasets)."""
+        if self._dataloaders is not None:
+            return self._dataloaders
+        for split in {s for splits in self.datasets.values() for s in splits if s != "train"}:
+            owners = [name for name, splits in self.datasets.items() if split in splits]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"split {split!r} comes from {len(owners)} datasets ({', '.join(owners)}); metrics are computed on "
+                    f"one dataset per split: keep {split!r} in one of them (e.g. drop it from the others' "
+                    "build_info) or remove it from run.valid_splits/test_splits"
+                )
+        mix = self._train_mix()
+        if mix is None:
+            return super().dataloaders
+        names, ratios = mix
+        train = {name: self.datasets[name].pop("train") for name in names}
+        loaders = super().dataloaders  # the other splits, as LAVIS builds them
+        batch = int(self.config.run_cfg.batch_size_train)
+        children = [self._make_loader(train[n], self.config.run_cfg.num_workers, batch, True,
+                                      getattr(train[n], "collater", None), mixed=True) for n in names]
+        loaders["train"] = self._mixed_loader(children, names, ratios)
+        self.datasets["train"] = [train[n] for n in names]
+        logger.info("training mixes %s", ", ".join(f"{n} (ratio {r:g})" for n, r in zip(names, ratios)))
+        return loaders
+
+    def _train_mix(self) -> tuple[list[str], list[float]] | None:
+        """(dataset names, ratios) of the training datasets to mix, or None when no ratio is set or only one
+        dataset trains.
+
+        Raises:
+            ValueError: ratios in both places, ratios for datasets that do not train, or some training
+                datasets without one.
+        """
+        run_ratios = self.config.run_cfg.get("train_dataset_ratios")
+        cfg_ratios = {name: d.get("sample_ratio") for name, d in self.config.datasets_cfg.items()
+                      if d.get("sample_ratio") is not None}
+        if run_ratios and cfg_ratios:
+            raise ValueError(
+                "sample ratios are given twice (run.train_dataset_ratios and datasets.<name>.sample_ratio); "
+                "keep datasets.<name>.sample_ratio"
+            )
+        ratios = dict(run_ratios or cfg_ratios)
+        if not ratios:
+            return None
+        training = [name for name, splits in self.datasets.items() if "train" in splits]
+        unknown = [name for name in ratios if name not in training]
+        if unknown:
+            raise ValueError(f"sample ratio for {', '.join(unknown)}, which has no train split; datasets that train: "
+                             f"{', '.join(training) or 'none'}")
+        missing = [name for name in training if name not in ratios]
+        if missing:
+            raise ValueError(f"training datasets without a sample ratio: {', '.join(missing)}; give each training "
+                             f"dataset one (e.g. datasets.{missing[0]}.sample_ratio=1.0)")
+        if len(training) < 2:
+            return None
+        return training, [float(ratios[name]) for name in training]
+
+    def _mixed_loader(self, children, names, ratios=None) -> MixedLoader:
+        naturals = [loader.steps_per_epoch for loader in children]  # children: one pass's batches, or None
+        natural = sum(naturals) if all(n is not None for n in naturals) else None
+        return MixedLoader(children, ratios, names, seed=int(self.config.run_cfg.get("seed", 42)), rank=get_rank(),
+                           steps_per_epoch=self._epoch_steps(natural, names))
+
+    def _epoch_steps(self, natural: int | None, what) -> int:
+        """Training steps per epoch, from the steps of one pass over the data (None: unknown length)."""
+        if natural is None:
+            raise ValueError(
+                f"training split {what!r} has no known length; set its length (e.g. a sizes file, or "
+                "build_info.lengths.train) or use runner: runner_iter"
+            )
+        return natural
+
+    def _pass_steps(self, natural: int | None) -> int | None:
+        """Where an endless (resampled) stream's pass ends: after an epoch's steps."""
+        return natural
+
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
         """No CUDA prefetch stream (LAVIS's PrefetchLoader creates a CUDA stream and fails on CPU),
-        and IterableDatasets with a known length become epoch-sized loaders (LAVIS supports them only
-        in runner_iter)."""
+        IterableDatasets with a known length become epoch-sized loaders (LAVIS supports them only
+        in runner_iter), and LAVIS's (map-style, webdataset) training pair is mixed uniformly by a
+        :class:`MixedLoader` (``dataset_ratios`` are handled by :attr:`dataloaders`)."""
         loaders = []
         for dataset, bsz, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
             if isinstance(dataset, (list, tuple)):
-                loaders.append(
-                    MultiIterLoader(
-                        loaders=[self._make_loader(d, num_workers, bsz, is_train, collate_fn[i]) for i, d in enumerate(dataset)],
-                        ratios=dataset_ratios,
-                    )
-                )
+                children = [self._make_loader(d, num_workers, bsz, is_train, collate_fn[i], mixed=True)
+                            for i, d in enumerate(dataset)]
+                loaders.append(self._mixed_loader(children, [type(d).__name__ for d in dataset]))
             else:
                 loaders.append(self._make_loader(dataset, num_workers, bsz, is_train, collate_fn))
         return loaders
 
-    def _make_loader(self, dataset, num_workers, batch_size, is_train, collate_fn):
+    def _make_loader(self, dataset, num_workers, batch_size, is_train, collate_fn, mixed: bool = False):
         """Every loader gets its own generator, so creating an iterator (which draws the workers' base
         seed) never consumes the global torch RNG: validation and resume leave training's RNG alone.
         Map-style training splits always go through a seeded DistributedSampler (1 replica when not
         distributed) instead of LAVIS's IterLoader/RandomSampler, so their order is a function of
-        (seed, pass) and resumable."""
+        (seed, pass) and resumable. ``mixed``: a child of a :class:`MixedLoader` (its passes are its own,
+        its length is not an epoch)."""
         if isinstance(dataset, ChainDataset) and len(dataset.datasets) == 1:
             dataset = dataset.datasets[0]
         pin = self.device.type == "cuda"
@@ -246,16 +334,14 @@ class RunnerBaseExt(RunnerBase):
             try:
                 length = len(dataset)
             except TypeError:
-                raise ValueError(
-                    f"training split {dataset!r} has no known length; set its length (e.g. a sizes file) or use runner: runner_iter"
-                ) from None
-            steps = length // (get_world_size() * batch_size)
-            if steps < 1:
+                length = None
+            steps = None if length is None else length // (get_world_size() * batch_size)
+            if steps is not None and steps < 1:
                 raise ValueError(
                     f"training split has {length} samples, fewer than world_size x batch_size_train = "
                     f"{get_world_size()} x {batch_size}; lower run.batch_size_train"
                 )
-            return EpochStreamLoader(loader, dataset, steps, first_pass=self.start_epoch, seed=seed, rank=get_rank())
+            return self._train_stream(loader, dataset, steps, seed, mixed)
         sampler = None
         if is_train:
             sampler = DistributedSampler(dataset, shuffle=True, num_replicas=get_world_size(), rank=get_rank(), seed=seed)
@@ -274,7 +360,23 @@ class RunnerBaseExt(RunnerBase):
         )
         if not is_train:
             return loader
-        return EpochStreamLoader(loader, dataset, len(loader), first_pass=self.start_epoch, seed=seed, rank=get_rank())
+        return self._train_stream(loader, dataset, len(loader), seed, mixed)
+
+    def _train_stream(self, loader, dataset, natural: int | None, seed: int, mixed: bool) -> EpochStreamLoader:
+        """An endless, resumable training stream; ``natural``: batches of one pass (None: unknown)."""
+        if isinstance(dataset, ChainDataset) and any(getattr(d, "resampled", False) for d in dataset.datasets):
+            raise ValueError(
+                f"{', '.join(map(repr, dataset.datasets))}: an endless (resampled) stream chained with others would "
+                "never hand over to them; mix them instead: datasets.<name>.sample_ratio for each training dataset"
+            )
+        endless = getattr(dataset, "resampled", False)
+        pass_steps = self._pass_steps(natural) if endless else None
+        if endless and pass_steps is None:
+            raise ValueError(f"{dataset!r} is an endless stream with no known length; use runner: runner_iter "
+                             "(or give it a nominal epoch length: build_info.lengths.train)")
+        steps = natural if mixed else self._epoch_steps(natural, dataset)
+        return EpochStreamLoader(loader, dataset, steps, first_pass=0 if mixed else self.start_epoch, seed=seed,
+                                 rank=get_rank(), pass_steps=pass_steps)
 
     @torch.no_grad()
     def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
@@ -384,12 +486,12 @@ class RunnerBaseExt(RunnerBase):
             return
         if meta.get("lr_sched"):
             restore_scheduler(self.lr_scheduler, meta["lr_sched"])
-        self.best_agg_metric = state.get("best_agg_metric", 0)
+        self.best_agg_metric = state.get("best_agg_metric", float("-inf"))
         self.best_epoch = state.get("best_epoch", 0)
         best = self.checkpoint_path("best")
         if best.is_file():  # validation after this checkpoint may have found a better epoch
             extra = (read_metadata(best).get("extra") or {})
-            if extra.get("best_agg_metric", 0) > self.best_agg_metric:
+            if extra.get("best_agg_metric", float("-inf")) > self.best_agg_metric:
                 self.best_agg_metric, self.best_epoch = extra["best_agg_metric"], extra.get("best_epoch", 0)
         saved_world = int(state.get("world_size", 1))
         entries = meta.get("ranks") or []
@@ -415,8 +517,7 @@ class RunnerBaseExt(RunnerBase):
             if position is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict(position)
                 dropped = loader.fast_forward()
-                logger.info("data position restored: pass %d, %d batches (%d samples) replayed",
-                            position["pass"], dropped, position.get("samples", 0))
+                logger.info("data position restored: %d batches replayed (%s)", dropped, position)
             elif position is not None:
                 logger.warning("the training loader (%s) cannot restore a data position; it starts a new pass",
                                type(loader).__name__)
@@ -447,11 +548,11 @@ class RunnerBaseExt(RunnerBase):
         return str(path)
 
     def _reload_best_model(self, model):
-        """LAVIS raises FileNotFoundError on the best checkpoint when no validation score ever beat 0;
-        then the current weights are the best we have."""
+        """LAVIS raises FileNotFoundError on the best checkpoint when there is none (it needed a validation
+        score above 0 on split val); then the current weights are the best we have."""
         best = self.checkpoint_path("best")
         if not best.is_file():
-            logger.warning("no %s (validation never improved on 0): testing the current weights", best.name)
+            logger.warning("no %s (no validation on split val): testing the current weights", best.name)
             return model
         load_trainable(model, best)
         return model
