@@ -8,14 +8,19 @@ mixin below overrides those hooks, which LAVIS calls through `self`, so the mode
   ``qformer_model: null`` with ``qformer_config: {...}`` (random init, e.g. tiny);
 * ``vit_model``: ``eva_clip_g`` / ``clip_L`` (LAVIS's builders and URLs), or ``tiny`` with
   ``vit_config: {...}`` (LAVIS's own EVA VisionTransformer class at a small size);
-* the LLM (``opt_model`` / ``t5_model`` or ``*_config``) is built by :func:`build_llm`.
+* ``vit_depth``: ``eva_clip_g`` with fewer blocks (:func:`eva_depth`; reduced-depth checks at real width);
+* the LLM (``opt_model`` / ``t5_model`` or ``*_config``) is built by :func:`build_llm`;
+* ``pretrained`` / ``finetuned``: our ``.safetensors`` checkpoints, or LAVIS's ``.pth`` releases (URL or
+  path) read with ``torch.load(weights_only=True)`` and reported key by key (:meth:`Blip2ComponentsMixin.load_release`).
 
 The mixin must come before the LAVIS class in the bases so its hooks win.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from functools import partial
 from typing import Any, Mapping
 
@@ -123,15 +128,18 @@ class Blip2ComponentsMixin:
         if model_name != "tiny":
             from lavis_ext.models import meta
 
-            if meta.meta_build_active():  # the same towers without the weight download
-                from lavis.models.blip2_models.blip2 import LayerNorm
+            with eva_depth(model_name, self._component("vit_depth")):
+                if meta.meta_build_active():  # the same towers without the weight download
+                    from lavis.models.blip2_models.blip2 import LayerNorm
 
-                visual_encoder = meta.vision_encoder_without_weights(
-                    model_name, img_size, drop_path_rate, use_grad_checkpoint, precision
-                )
-                return visual_encoder, LayerNorm(visual_encoder.num_features)
-            # eva_clip_g / clip_L: LAVIS's builders, weights from LAVIS's URLs through the timm cache.
-            return super().init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint, precision)
+                    visual_encoder = meta.vision_encoder_without_weights(
+                        model_name, img_size, drop_path_rate, use_grad_checkpoint, precision
+                    )
+                    return visual_encoder, LayerNorm(visual_encoder.num_features)
+                # eva_clip_g / clip_L: LAVIS's builders, weights from LAVIS's URLs through the timm cache.
+                return super().init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint, precision)
+        if self._component("vit_depth") is not None:
+            raise ValueError("model.vit_depth applies to vit_model eva_clip_g; a tiny ViT takes vit_config.depth")
         from lavis.models.blip2_models.blip2 import LayerNorm
         from lavis.models.eva_vit import VisionTransformer
 
@@ -180,24 +188,66 @@ class Blip2ComponentsMixin:
         return None
 
     def load_checkpoint(self, url_or_filename):
-        """Our ``.safetensors`` checkpoints (trainable tensors only, see :mod:`lavis_ext.checkpoints`)
-        load without pickle; anything else goes to LAVIS's loader (``.pth`` files and URLs)."""
+        """``finetuned:``. Our ``.safetensors`` checkpoints (trainable tensors only, see
+        :mod:`lavis_ext.checkpoints`) load without pickle; LAVIS ``.pth`` files and URLs through
+        :meth:`load_release`."""
         path = env_path(str(url_or_filename))
         if path.endswith(".safetensors"):
             from lavis_ext.checkpoints import load_trainable
 
             return load_trainable(self, path, require_all_trainable=False)
-        return super().load_checkpoint(url_or_filename=path)
+        return self.load_release(path)
 
     def load_from_pretrained(self, url_or_filename):
         """``pretrained:`` may name one of our ``.safetensors`` checkpoints of an earlier stage: the
-        tensors that fit are loaded and the rest reported (:func:`lavis_ext.checkpoints.init_from`)."""
+        tensors that fit are loaded and the rest reported (:func:`lavis_ext.checkpoints.init_from`);
+        LAVIS ``.pth`` files and URLs go through :meth:`load_release`."""
         path = env_path(str(url_or_filename))
         if path.endswith(".safetensors"):
             from lavis_ext.checkpoints import init_from
 
             return init_from(self, path)
-        return super().load_from_pretrained(url_or_filename=path)
+        return self.load_release(path)
+
+    def load_release(self, url_or_filename: str) -> dict:
+        """Load a LAVIS-format checkpoint (``{"model": state_dict}`` or a bare state dict): a URL as
+        LAVIS resolves it (``download_cached_file``: the torch hub cache, a present file is not
+        fetched again) or a local ``.pth``, read with ``torch.load(weights_only=True)``.
+
+        Why not LAVIS's ``load_checkpoint`` / ``load_from_pretrained``: they unpickle with plain
+        ``torch.load`` (code can run while loading) and only log the missing keys. Loading is
+        ``strict=False`` as in LAVIS (the releases hold only what trained, see :func:`load_report`);
+        the report is returned, logged and appended to ``self.checkpoint_reports``.
+
+        Raises:
+            FileNotFoundError: a URL whose file is neither cached nor downloadable, or a missing path.
+            CheckpointPickleError: the pickle needs more than tensors and plain containers.
+            ValueError: a checkpoint tensor whose shape does not fit this model.
+        """
+        path = resolve_release(url_or_filename)
+        checkpoint = load_pth(path)
+        state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+        if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(
+                f"checkpoint {path} is not a LAVIS checkpoint: expected {{'model': state_dict}} or a state dict of "
+                "tensors; save it as torch.save({'model': model.state_dict()}, path)"
+            )
+        own = self.state_dict()
+        mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if mismatched:
+            raise ValueError(
+                f"checkpoint {path} does not fit this model (checkpoint vs model): {mismatched[:3]}; build the model "
+                "the checkpoint was trained as (model_type, image_size, LLM)"
+            )
+        self.load_state_dict(state, strict=False)
+        report = load_report(str(url_or_filename), path, state, own)
+        self.checkpoint_reports = [*getattr(self, "checkpoint_reports", []), report]  # pretrained, then finetuned
+        logger.info(
+            "checkpoint %s: %d tensors loaded; model tensors not in it: %s; %d checkpoint tensors unused%s",
+            path, report["loaded"], report["missing_by_module"] or "none", len(report["unexpected"]),
+            f" (e.g. {report['unexpected'][:4]})" if report["unexpected"] else "",
+        )
+        return report
 
     # ---- helpers used by our model classes ----------------------------------------------------
     def _build_vision_and_qformer(
@@ -363,10 +413,121 @@ def _vit_precision(cfg) -> str:
 
 def component_kwargs(cfg) -> dict:
     """The component keys of a model config (see module docstring)."""
-    keys = ("qformer_tokenizer", "qformer_model", "qformer_config", "vit_config")
+    keys = ("qformer_tokenizer", "qformer_model", "qformer_config", "vit_config", "vit_depth")
     return {k: cfg.get(k) for k in keys if k in cfg}
 
 
 def env_path(value: str | None) -> str | None:
     """Expand ~ and $VARS in a configured path (hub names pass through unchanged)."""
     return os.path.expandvars(os.path.expanduser(value)) if isinstance(value, str) else value
+
+
+# ---- LAVIS release checkpoints ------------------------------------------------------------------
+class CheckpointPickleError(ValueError):
+    """A ``.pth`` file that ``torch.load(weights_only=True)`` refuses: its pickle needs more than tensors."""
+
+
+@contextlib.contextmanager
+def eva_depth(model_name: str, depth) -> Iterator[None]:
+    """``model.vit_depth``: LAVIS's EVA ViT-g with its first ``depth`` blocks (39 in LAVIS).
+
+    ``create_eva_vit_g`` fixes ``depth=39`` and loads ``eva_vit_g.pth`` with ``strict=False``, so a
+    shallower tower built by it takes the file's first blocks and ignores the rest, as LAVIS ignores the
+    file's 40th. Here the class it builds is wrapped for the duration of the call (LAVIS calls its module
+    global), so the URL, the cache lookup, the position-embedding interpolation and the fp16 conversion
+    stay LAVIS's own. Used for reduced-depth runs at real width (tests; quick checks of a recipe).
+    """
+    if depth is None:
+        yield
+        return
+    if model_name != "eva_clip_g":
+        raise ValueError(f"model.vit_depth applies to vit_model eva_clip_g, not {model_name!r}; remove vit_depth")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"model.vit_depth {depth!r} must be a positive integer (LAVIS's EVA ViT-g has 39 blocks)")
+    from lavis.models import eva_vit
+
+    lavis_class = eva_vit.VisionTransformer
+
+    def with_depth(*args, **kwargs):
+        kwargs["depth"] = depth
+        return lavis_class(*args, **kwargs)
+
+    eva_vit.VisionTransformer = with_depth
+    try:
+        yield
+    finally:
+        eva_vit.VisionTransformer = lavis_class
+
+
+def resolve_release(url_or_filename: str) -> str:
+    """A checkpoint URL -> the file LAVIS's ``download_cached_file`` keeps it as (fetched only when
+    absent); a local path -> itself.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist, or a URL not cached and not downloadable.
+    """
+    from urllib.parse import urlparse
+
+    if urlparse(url_or_filename).scheme in ("http", "https"):
+        from lavis.common.dist_utils import download_cached_file
+
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url_or_filename).path))
+        try:
+            return download_cached_file(url_or_filename, check_hash=False, progress=False)
+        except OSError as error:  # URLError is an OSError
+            raise FileNotFoundError(
+                f"checkpoint {url_or_filename} is not cached at {cached} and could not be downloaded ({error}); "
+                "put the file there (TORCH_HOME moves the cache) or set the model's pretrained/finetuned to a local path"
+            ) from error
+    if not os.path.isfile(url_or_filename):
+        raise FileNotFoundError(f"checkpoint {url_or_filename!r} does not exist; set a valid path or URL")
+    return url_or_filename
+
+
+def load_pth(path: str):
+    """``torch.load(path, weights_only=True)`` on CPU, refusing pickles that need more, with the fix.
+
+    Raises:
+        CheckpointPickleError: the pickle references classes or functions (names the file and the fix).
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()
+        detail = next((line for line in reason if "Unsupported global" in line), reason[0] if reason else "")
+        raise CheckpointPickleError(
+            f"refused to load {path}: its pickle needs more than tensors and plain containers ({detail.strip()}), "
+            "and lavis-ext reads .pth files with torch.load(weights_only=True) so that loading cannot run code. "
+            "If you trust the file, re-save its weights once: "
+            "ckpt = torch.load(PATH, weights_only=False); torch.save({'model': ckpt['model']}, NEW_PATH) "
+            "(a plain dict of tensors), then point model.pretrained / model.finetuned at NEW_PATH"
+        ) from error
+
+
+def load_report(source: str, path: str, state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict:
+    """What a ``strict=False`` load of ``state`` into a model with state dict ``own`` did: ``missing``
+    (model tensors the checkpoint does not hold: in a LAVIS release, the frozen towers, which come from
+    their own weights) and ``unexpected`` (checkpoint tensors the model has no place for), both sorted,
+    with per-module counts of the missing ones.
+
+    Computed from the key sets, not from ``load_state_dict``'s result: torch does not count a tensor as
+    unexpected when its submodule was set to None (LAVIS's stage-2 ``__init__`` does that to the Q-Former's
+    text side), so a stage-1 checkpoint's text layers would be dropped without a word.
+    """
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    by_module: dict[str, int] = {}
+    for key in missing:
+        top = key.split(".", 1)[0]
+        by_module[top] = by_module.get(top, 0) + 1
+    return {
+        "source": source,
+        "file": path,
+        "tensors": len(state),
+        "loaded": len(state) - len(unexpected),
+        "missing": missing,
+        "unexpected": unexpected,
+        "missing_by_module": by_module,
+    }

@@ -2,10 +2,13 @@
 trips, stock-class loading of an exported fine-tuned run, and the refusals."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from release_fixture import release_artifacts  # noqa: F401  (a session fixture)
 from tiny_models import images, tiny_model
 
 from lavis_ext.interop import hf_bridge
@@ -250,3 +253,33 @@ def test_mapping_table_covers_every_tensor(synthetic_root):
     table = hf_bridge.mapping_table_markdown()
     assert table.count("\n") == len(hf_bridge.KEY_TABLE) + 1
     assert "`ln_vision.{p}` | `vision_model.post_layernorm.{p}`" in table
+
+
+@pytest.mark.slow  # about a minute and 4 GB: real-width OPT-2.7B and ViT-g, exported, imported and rebuilt
+def test_import_of_a_release_shaped_hf_checkpoint(release_artifacts, tmp_path):
+    """`lavis-ext hf import` of a Salesforce/blip2-opt-2.7b-shaped directory (real widths and vocabulary,
+    reduced depth, sharded safetensors + index, processor and tokenizer files) rebuilds the same model."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+    from release_fixture import hf_blip2_dir, release_model, snapshot_dir
+
+    source = release_model(release_artifacts, "opt2.7b")
+    src = hf_blip2_dir(source, tmp_path / "blip2-opt-2.7b")
+    config = json.loads((src / "config.json").read_text())
+    assert {"vision_config", "qformer_config", "text_config"} <= set(config)
+    assert (config["vision_config"]["hidden_size"], config["text_config"]["hidden_size"]) == (1408, 2560)
+    assert config["image_token_index"] == 50265  # the first spare row of OPT's 50272, as in the hub repo
+    assert len(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert (src / "preprocessor_config.json").is_file() and (src / "vocab.json").is_file()
+    reference = source.state_dict()
+    del source
+    bert = snapshot_dir(release_artifacts.hf_home, "bert-base-uncased")
+    assert hf_bridge.main(["import", str(src), str(tmp_path / "ours"), "--qformer-tokenizer", str(bert)]) == 0
+    cfg = OmegaConf.load(tmp_path / "ours" / "model.yaml").model
+    built = registry.get_model_class(cfg.arch).from_config(cfg)
+    assert len(built.visual_encoder.blocks) == 2 and built.visual_encoder.embed_dim == 1408
+    assert built.opt_model.config.vocab_size == 50272 and len(built.opt_tokenizer) == 50266  # + <image>
+    ours = built.state_dict()
+    assert set(ours) == set(reference)
+    different = [k for k in ours if not torch.equal(ours[k].float(), reference[k].float())]
+    assert different == [], different[:5]
