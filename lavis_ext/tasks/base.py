@@ -45,16 +45,20 @@ def write_metrics(split_name: str, epoch, record: dict, metrics: dict) -> None:
 
 
 def resolve_amp_dtype(run_cfg, device: torch.device, model=None) -> torch.dtype | None:
-    """The autocast dtype of a run: None (fp32) on CPU or with ``amp: false``, else ``amp_dtype``.
+    """The autocast dtype of a run: None (fp32) with ``amp: false``, else ``amp_dtype``.
 
+    On a CPU only bf16 autocasts (a recipe's ``amp: true, amp_dtype: bf16`` runs as it would on a GPU, e.g. when
+    a recipe is checked on a laptop); fp16 autocast is not a CPU training path, so ``fp16`` runs fp32 there.
     Flan-T5 is never autocast to fp16: its activations overflow there (transformers#23918; the paper
     and LAVIS run it in bf16), so fp16 is replaced by bf16 for T5 models, with a warning.
     """
-    if not run_cfg.get("amp", False) or device.type == "cpu":
+    if not run_cfg.get("amp", False):
         return None
     name = str(run_cfg.get("amp_dtype", "bf16"))
     if name not in AMP_DTYPES:
         raise ValueError(f"run.amp_dtype {name!r} is not one of {sorted(AMP_DTYPES)}")
+    if device.type == "cpu":
+        return AMP_DTYPES[name] if name == "bf16" else None
     core = getattr(model, "module", model)
     if name == "fp16" and core is not None and llm_of(core)[0] == "t5":
         if not _warned_t5_fp16:

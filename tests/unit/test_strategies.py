@@ -244,9 +244,27 @@ def test_precision_policy(synthetic_root):
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     amp = {"amp": True, "amp_dtype": "fp16"}
-    assert resolve_amp_dtype(amp, cpu) is None  # CPU runs fp32
+    assert resolve_amp_dtype(amp, cpu) is None  # fp16 autocast is not a CPU training path: fp32
+    assert resolve_amp_dtype({"amp": True, "amp_dtype": "bf16"}, cpu) == torch.bfloat16  # a bf16 recipe on a CPU
+    assert resolve_amp_dtype({"amp": False, "amp_dtype": "bf16"}, cpu) is None
     assert resolve_amp_dtype({"amp": False, "amp_dtype": "bf16"}, cuda) is None
     assert resolve_amp_dtype(amp, cuda, tiny_model("blip2_opt_ext")) == torch.float16
     assert resolve_amp_dtype(amp, cuda, tiny_model("blip2_t5_ext")) == torch.bfloat16  # T5 overflows in fp16
     with pytest.raises(ValueError, match="'fp8'"):
         resolve_amp_dtype({"amp": True, "amp_dtype": "fp8"}, cuda)
+
+
+def test_a_bf16_recipe_computes_in_bf16_on_cpu(synthetic_root):
+    """``amp: true, amp_dtype: bf16`` autocasts the training step on a CPU as on a GPU; ``amp: false`` is fp32."""
+    from lavis_ext.tasks.captioning import CaptionTaskExt
+
+    model = tiny_model("blip2_opt_ext").float()  # as task.build_model leaves it on a CPU
+    seen = []
+    model.opt_model.get_output_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    samples = {"image": torch.randn(2, 3, 64, 64), "text_input": ["a photo of a red circle", "a photo of a blue square"]}
+    for amp, want in (({"amp": True, "amp_dtype": "bf16"}, torch.bfloat16), ({"amp": False}, torch.float32)):
+        task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
+        task.run_cfg = amp
+        with task._autocast(torch.device("cpu"), model):
+            loss = model(samples)["loss"]
+        assert seen[-1] == want and torch.isfinite(loss)
