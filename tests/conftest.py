@@ -23,6 +23,17 @@ def synthetic_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: bitwise comparisons of runs must not depend on how work is split."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dirs(synthetic_root) -> dict:
     return {name: synthetic_root / "tokenizers" / name for name in ("bert", "opt", "t5")}

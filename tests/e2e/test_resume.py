@@ -42,14 +42,6 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def interrupt_at(monkeypatch, where: str, step: int):
     """Stop the run in-process where LAVIS_EXT_FAULT_INJECT would SIGKILL it."""
     real = ext_dist.maybe_inject_fault

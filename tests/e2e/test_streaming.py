@@ -22,7 +22,7 @@ from lavis_ext.datasets.builders import WdsCaptionBuilder
 from lavis_ext.datasets.wds_pipeline import WdsSplitDataset, read_sizes
 from lavis_ext.datasets.wds_stream import ResampledWdsDataset
 from lavis_ext.runners.loaders import EpochStreamLoader, MixedLoader
-from test_resume import Interrupted, assert_bitwise_equal, interrupt_at, one_thread, the_run_dir  # noqa: F401
+from test_resume import Interrupted, assert_bitwise_equal, interrupt_at, the_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 STREAM = str(REPO / "projects/tiny/pretrain_stream.yaml")

@@ -30,14 +30,6 @@ def output_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def val_loader(root: Path, batch_size: int = 4) -> DataLoader:
     """The first val shard (8 images, 5 captions each) in evaluation mode, 4 images per batch."""
     dataset = WdsSplitDataset("val/shard-000000.tar", "caption_eval", root=root, length=8,
