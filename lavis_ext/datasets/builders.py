@@ -26,8 +26,7 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from omegaconf import DictConfig, OmegaConf
 
-from lavis_ext.datasets.bad_records import resolve_policy
-from lavis_ext.datasets.shard_index import length_from_stats
+from lavis_ext.datasets.shard_index import img2dataset_counts, length_from_stats
 from lavis_ext.datasets.wds_pipeline import (
     DEFAULT_VQA_PROMPT, MODES, WdsSplitDataset, expand_shards, read_sizes, split_length,
 )
@@ -102,9 +101,9 @@ class WdsBuilder(BaseDatasetBuilder):
         train = split == "train"
         mode = f"{self.kind}_{'train' if train else 'eval'}"
         lengths = info.get("lengths") or {}
-        from_stats = None
-        if split not in lengths and split not in (sizes or {}).get("splits", {}):  # img2dataset stats, if all have one
-            from_stats = length_from_stats(expand_shards(pattern, root), MODES[mode])
+        urls = expand_shards(list(pattern) if isinstance(pattern, (list, tuple)) else pattern, root)
+        stats = img2dataset_counts(urls)  # read once: the length below and the dataset's per-shard counts
+        from_stats = length_from_stats(urls, stats, MODES[mode])
         if split in lengths:
             length = int(lengths[split])
         elif sizes is not None and split in sizes["splits"]:
@@ -121,25 +120,24 @@ class WdsBuilder(BaseDatasetBuilder):
                 "every shard also give it (images and captions only)"
             )
         entry = (sizes or {}).get("splits", {}).get(split, {})
-        counts = {os.path.join(str(root), rel) if root is not None and not os.path.isabs(rel) else rel: n
-                  for rel, n in (entry.get("shard_samples") or {}).items()}
+        counts = {**stats, **{os.path.join(str(root), rel) if root is not None and not os.path.isabs(rel) else rel: n
+                              for rel, n in (entry.get("shard_samples") or {}).items()}}
         proc = "train" if train else "eval"
         kwargs = {}
         if self.kind == "vqa":
             kwargs["prompt"] = self.config.get("prompt", DEFAULT_VQA_PROMPT)
         stream_cls = ResampledWdsDataset if train and info.get("resampled") else WdsSplitDataset
         dataset = stream_cls(
-            urls=list(pattern) if isinstance(pattern, (list, tuple)) else pattern,
+            urls=urls,  # expanded and joined to root above
             mode=mode,
             vis_processor=self.vis_processors[proc],
             text_processor=self.text_processors[proc],
             length=length,
             shuffle_buffer=int(self.config.get("shuffle_buffer", 1000)) if train else 0,
             seed=int(info.get("seed") or 0),
-            root=root,
             split_by=info.get("split_by") or "auto",
             name=f"{self.name}/{split}",
-            on_bad_record=resolve_policy(self.config.get("on_bad_record"), f"datasets.{self.name}.on_bad_record"),
+            on_bad_record=self.config.get("on_bad_record"),  # checked by the dataset, naming datasets.<name>
             shard_samples=counts,
             **kwargs,
         )

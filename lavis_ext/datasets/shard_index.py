@@ -34,13 +34,16 @@ from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["img2dataset_successes", "index_split", "length_from_stats", "main", "shard_pattern", "write_index"]
+__all__ = ["img2dataset_counts", "img2dataset_successes", "index_split", "length_from_stats", "main", "shard_pattern",
+           "write_index"]
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)\.tar$")
 
 
 def _stats_path(url: str) -> Path | None:
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", url) and not url.startswith("file:"):
+    from lavis_ext.datasets.wds_pipeline import is_remote
+
+    if is_remote(url):
         return None  # remote: the stats are not fetched
     local = url[len("file:"):] if url.startswith("file:") else url
     if not local.endswith(".tar"):
@@ -61,15 +64,18 @@ def img2dataset_successes(url: str) -> int | None:
         return None
 
 
-def length_from_stats(urls: Sequence[str], unit: str) -> int | None:
-    """A split's length in ``unit`` from img2dataset stats, or None when some shard has none or the unit is
-    ``questions`` (see the module docstring for what is assumed)."""
-    if unit not in ("images", "captions"):
+def img2dataset_counts(urls: Sequence[str]) -> dict[str, int]:
+    """``{url: successes}`` for the shards that have an img2dataset stats file (each file read once)."""
+    counts = {str(u): img2dataset_successes(str(u)) for u in urls}
+    return {u: n for u, n in counts.items() if n is not None}
+
+
+def length_from_stats(urls: Sequence[str], counts: dict[str, int], unit: str) -> int | None:
+    """A split's length in ``unit`` from img2dataset stats (``counts``, :func:`img2dataset_counts`), or None when
+    some shard has none or the unit is ``questions`` (see the module docstring for what is assumed)."""
+    if unit not in ("images", "captions") or not urls or any(str(u) not in counts for u in urls):
         return None
-    counts = [img2dataset_successes(u) for u in urls]
-    if not counts or any(c is None for c in counts):
-        return None
-    return sum(counts)
+    return sum(counts[str(u)] for u in urls)
 
 
 def shard_pattern(names: Sequence[str]) -> str | list[str]:

@@ -98,7 +98,8 @@ _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # http:, https:, pipe:, s3:,
 # shard lists and sizes
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
+    """A URL webdataset opens itself (``http(s)://``, ``pipe:``, ``s3://`` ...), not a local path."""
     return bool(_REMOTE.match(url)) and not url.startswith("file:")
 
 
@@ -123,7 +124,7 @@ def expand_shards(urls: str | Sequence[str], root: str | os.PathLike | None = No
     result: list[str] = []
     for pattern in patterns:
         pattern = str(pattern)
-        remote = _is_remote(pattern)
+        remote = is_remote(pattern)
         local = pattern[len("file:"):] if pattern.startswith("file:") else pattern
         if not remote and root is not None and not os.path.isabs(local):
             local = os.path.join(str(root), local)

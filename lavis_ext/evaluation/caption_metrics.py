@@ -116,7 +116,9 @@ def evaluate_captions(
             if meteor is not None:
                 meteor.start_scoring()  # BLEU and ROUGE-L overlapped METEOR's normaliser
             if "CIDEr" in wanted:
-                scores["CIDEr"] = _cider_d(gts, res)
+                from lavis_ext.evaluation.cider import cider_scorer
+
+                scores["CIDEr"] = cider_scorer(gts)(res)
             if meteor is not None:
                 scores["METEOR"] = meteor.result()
         finally:
@@ -172,7 +174,7 @@ def best_constant_caption(
         ValueError: no references, ``top_k < 1``, or no non-empty candidate.
         RuntimeError: Java is missing or broken, or PTB tokenisation failed.
     """
-    from lavis_ext.evaluation.cider import CiderD, TooManyWords
+    from lavis_ext.evaluation.cider import cider_scorer
 
     _, refs = _normalise_references(references)
     if candidates is None:
@@ -192,33 +194,13 @@ def best_constant_caption(
     if not raw:
         raise ValueError("no candidate caption to try: pass non-empty `candidates` or references with words in them")
 
-    try:
-        scorer = CiderD(gts).score  # the references' side once for all candidates
-    except TooManyWords:
-        from pycocoevalcap.cider.cider import Cider
-
-        def scorer(res):
-            return Cider().compute_score(gts, res)
-
+    scorer = cider_scorer(gts)  # the references' side once for all candidates
     best: tuple[str, float] | None = None
     for caption, tokens in zip(raw, tokenised):
-        score = float(scorer({i: [tokens] for i in gts})[0])
+        score = scorer({i: [tokens] for i in gts})
         if best is None or score > best[1]:
             best = (caption, score)
     return best
-
-
-def _cider_d(gts: dict, res: dict) -> float:
-    """pycocoevalcap's CIDEr-D number, vectorised (:mod:`lavis_ext.evaluation.cider`); pycocoevalcap's own class
-    where the vocabulary is beyond the vectorised keys' reach."""
-    from lavis_ext.evaluation.cider import TooManyWords, cider_d
-
-    try:
-        return float(cider_d(gts, res))
-    except TooManyWords:
-        from pycocoevalcap.cider.cider import Cider
-
-        return float(Cider().compute_score(gts, res)[0])
 
 
 def ptb_tokenize(

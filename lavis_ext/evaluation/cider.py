@@ -25,7 +25,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["CiderD", "TooManyWords", "cider_d"]
+__all__ = ["CiderD", "TooManyWords", "cider_d", "cider_scorer"]
 
 N = 4
 SIGMA = 6.0
@@ -198,3 +198,15 @@ def _norms(sent: np.ndarray, order: np.ndarray, values: np.ndarray, rows: int) -
 def cider_d(references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, Sequence[str] | str]) -> float:
     """Corpus CIDEr-D of tokenised ``candidates`` against tokenised ``references`` (pycocoevalcap's number)."""
     return CiderD(references).score(candidates)[0]
+
+
+def cider_scorer(references: Mapping[Hashable, Sequence[str]]):
+    """``candidates -> corpus CIDEr-D`` against ``references`` prepared once: :class:`CiderD`, or pycocoevalcap's
+    ``Cider`` where the vocabulary is beyond the vectorised keys' reach (:class:`TooManyWords`)."""
+    try:
+        scorer = CiderD(references)
+    except TooManyWords:
+        from pycocoevalcap.cider.cider import Cider
+
+        return lambda candidates: float(Cider().compute_score(references, candidates)[0])
+    return lambda candidates: scorer.score(candidates)[0]

@@ -60,11 +60,12 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_beyond_65535_words_falls_back_to_pycocoevalcap():
-    from lavis_ext.evaluation.caption_metrics import _cider_d
-    from lavis_ext.evaluation.cider import TooManyWords
+    from lavis_ext.evaluation.cider import TooManyWords, cider_scorer
 
     refs = {i: [" ".join(f"w{i}x{j}" for j in range(700)), "w0x1 shared words"] for i in range(100)}  # 70,000 words
     hyps = {i: ["shared words w0x1"] for i in refs}
     with pytest.raises(TooManyWords, match="70002 distinct words"):
         cider_d(refs, hyps)
-    assert _cider_d(refs, hyps) == Cider().compute_score(refs, hyps)[0]
+    assert cider_scorer(refs)(hyps) == Cider().compute_score(refs, hyps)[0]
+    small = {i: refs[i][1:] for i in refs}
+    assert cider_scorer(small)(hyps) == pytest.approx(Cider().compute_score(small, hyps)[0], abs=1e-12)
