@@ -141,6 +141,7 @@ SUBCOMMANDS = {
     "shards": "lavis_ext.datasets.to_shards:main",
     "score": "lavis_ext.evaluation.score:main",
     "report": "lavis_ext.report:main",
+    "reproduce": "lavis_ext.reproduce:main",
     "hf": "lavis_ext.interop.hf_bridge:main",
     "onnx": "lavis_ext.interop.onnx_export:main",
     "tensorrt": "lavis_ext.interop.tensorrt_build:main",
