@@ -46,3 +46,10 @@ bench: data
 
 clean:
 	rm -rf $(DEMO_OUT) $(DATA)
+
+# make reproduce: the BLIP-2 paper's three ablations in miniature, 3 seeds each (docs/reproduce.md), 2 arms at
+# a time on 1 thread each; about 1 h on 2 cores. Re-running skips finished arms and resumes an interrupted one.
+REPRO_OUT ?= runs/reproduce
+.PHONY: reproduce
+reproduce: data
+	$(PY) -m lavis_ext.reproduce --out $(REPRO_OUT) --jobs 2 --threads 1
