@@ -29,7 +29,7 @@ RUN_KEYS = {
     "k_test", "save_freq",
     "losses",  # retrieval_ext: which stage-1 losses to optimise (itc, itm, itg)
     # ours
-    "amp_dtype", "vit_layer_decay", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "constant_baseline", "length_penalty", "dist_timeout_s",
+    "amp_dtype", "vit_layer_decay", "optimizer_impl", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "constant_baseline", "length_penalty", "dist_timeout_s",
     # resume and checkpoints (lavis_ext.runners.runner_base, docs/distributed.md)
     "resume", "job_id", "save_every_steps", "keep_step_checkpoints", "min_free_disk_mb",
     # sharding (lavis_ext.runners.fsdp)

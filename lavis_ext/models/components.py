@@ -347,7 +347,8 @@ def build_llm(kind: str, source: str | None, tokenizer_source: str | None, inlin
     if not tok_source:
         raise ValueError(f"{kind}: set {kind}_model (weights) or {kind}_tokenizer (with {kind}_config)")
     if kind == "opt":
-        load_tokenizer = partial(transformers.AutoTokenizer.from_pretrained, use_fast=False)
+        from lavis_ext.models.tokenizers import load_opt_tokenizer as load_tokenizer  # fast when its ids are the slow one's
+
         tokenizer = meta.tokenizer_for(tok_source, load_tokenizer) if on_meta else load_tokenizer(tok_source)
         if source and on_meta:
             model = transformers.OPTForCausalLM(meta.llm_config(transformers.OPTConfig, source)).to(dtype)

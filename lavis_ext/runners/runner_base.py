@@ -91,6 +91,85 @@ def vit_layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
+
+
+def _fused_unsupported(params) -> str | None:
+    """Why torch's fused AdamW kernel cannot take ``params`` (None when it can)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    for param in params:
+        if param.device.type not in devices:
+            return f"a parameter is on {param.device.type}, fused AdamW runs on {sorted(devices)}"
+        if not torch.is_floating_point(param):
+            return f"a parameter has dtype {param.dtype}, fused AdamW needs floating point"
+    return None
+
+
+def resolve_optimizer_impl(params, requested: str | None = None) -> str:
+    """``run.optimizer_impl``: ``fused`` (one kernel over all tensors), ``foreach`` (batched tensor ops) or
+    ``for_loop`` (torch's per-tensor Python loop, its CPU default and what LAVIS runs). Unset means fused where
+    torch has the kernel for the parameters' device (CPU and CUDA in torch >= 2.4), else foreach: the same
+    AdamW update (within float rounding, ~1e-7 relative), 5x faster per step than the loop on the tiny model."""
+    params = list(params)
+    if requested is None:
+        return "foreach" if _fused_unsupported(params) else "fused"
+    if requested not in OPTIMIZER_IMPLS:
+        raise ValueError(f"run.optimizer_impl {requested!r}: use one of {', '.join(OPTIMIZER_IMPLS)} (or leave it unset)")
+    if requested == "fused" and (why := _fused_unsupported(params)):
+        raise ValueError(f"run.optimizer_impl fused: {why}; set run.optimizer_impl: foreach")
+    return requested
+
+
+def _impl_flags(impl: str) -> dict:
+    return {"fused": {"fused": True, "foreach": False}, "foreach": {"fused": False, "foreach": True},
+            "for_loop": {"fused": False, "foreach": False}}[impl]
+
+
+def keep_optimizer_impl(optimizer) -> None:
+    """Put the built implementation back on every group after ``load_state_dict``, which restores the saved
+    groups' ``fused``/``foreach`` flags: a resumed run keeps its ``run.optimizer_impl`` whatever wrote the
+    checkpoint (a LAVIS or older one says for_loop). The constructor's choice stays in ``defaults``."""
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            group[key] = optimizer.defaults.get(key)
+
+
+def build_optimizer(model, run_cfg) -> torch.optim.AdamW:
+    """The run's AdamW, built in one place for the plain and the layer-decay cases.
+
+    Groups as LAVIS's ``RunnerBase.optimizer``: no weight decay on biases, norms and 1-d tensors, ``[decay,
+    no decay]`` in that order (so optimizer state saved by LAVIS's order still maps). With
+    ``run.vit_layer_decay: d`` (the paper's Tables 7-9) ViT block i of L trains at ``lr x d^(L - i)``, the
+    patch/position embeddings at ``d^(L + 1)``, everything else at ``lr``: one group per (scale, decay) with
+    its ``lr_scale``, which the training loop applies after LAVIS's scheduler (LAVIS has one LR for all).
+    The implementation comes from :func:`resolve_optimizer_impl`."""
+    decay = float(run_cfg.get("vit_layer_decay") or 1.0)
+    weight_decay = float(run_cfg.weight_decay)
+    depth = vit_depth(model) if decay != 1.0 else 0
+    groups: dict = {}
+    if decay == 1.0:
+        groups = {(1.0, False): {"params": [], "weight_decay": weight_decay}, (1.0, True): {"params": [], "weight_decay": 0}}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = decay ** (depth + 1 - vit_layer_id(name, depth)) if decay != 1.0 else 1.0
+        no_wd = param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+        group = groups.setdefault(
+            (scale, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay, "lr_scale": scale}
+        )
+        group["params"].append(param)
+    params = [p for g in groups.values() for p in g["params"]]
+    impl = resolve_optimizer_impl(params, run_cfg.get("optimizer_impl"))
+    optimizer = torch.optim.AdamW(list(groups.values()), lr=float(run_cfg.init_lr), weight_decay=weight_decay,
+                                  betas=(0.9, run_cfg.get("beta2", 0.999)), **_impl_flags(impl))
+    logger.info("AdamW (%s) over %d trainable tensors, %d parameters, %d groups%s", impl, len(params),
+                sum(p.numel() for p in params), len(groups),
+                f"; ViT layer-wise LR decay {decay:.3f} over {depth} blocks" if decay != 1.0 else "")
+    return optimizer
+
+
 @registry.register_runner("runner_base_ext")
 class RunnerBaseExt(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id, resume_path: str | None = None):
@@ -138,33 +217,10 @@ class RunnerBaseExt(RunnerBase):
 
     @property
     def optimizer(self):
-        """LAVIS's AdamW groups (no weight decay on biases, norms and 1-d tensors), plus the paper's
-        layer-wise LR decay of the ViT (Tables 7-9) with ``run.vit_layer_decay: d``: block i of L trains at
-        ``lr x d^(L - i)``, the patch/position embeddings at ``d^(L + 1)``, everything else at ``lr``.
-        LAVIS has one LR for all parameters; the scales are applied by the training loop."""
-        decay = float(self.config.run_cfg.get("vit_layer_decay") or 1.0)
-        if self._optimizer is not None or decay == 1.0:
-            return super().optimizer
-        run = self.config.run_cfg
-        model = self.unwrap_dist_model(self.model)
-        depth = vit_depth(model)
-        groups: dict = {}
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            scale = decay ** (depth + 1 - vit_layer_id(name, depth))
-            no_wd = param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
-            group = groups.setdefault(
-                (scale, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else float(run.weight_decay), "lr_scale": scale}
-            )
-            group["params"].append(param)
-        self._optimizer = torch.optim.AdamW(
-            list(groups.values()),
-            lr=float(run.init_lr),
-            weight_decay=float(run.weight_decay),
-            betas=(0.9, run.get("beta2", 0.999)),
-        )
-        logger.info("ViT layer-wise LR decay %.3f over %d blocks: %d param groups", decay, depth, len(groups))
+        """AdamW from :func:`build_optimizer` (LAVIS's groups, ``run.vit_layer_decay``, ``run.optimizer_impl``),
+        built once on the unwrapped model, in place of LAVIS's, which always runs torch's per-tensor loop."""
+        if self._optimizer is None:
+            self._optimizer = build_optimizer(self.unwrap_dist_model(self.model), self.config.run_cfg)
         return self._optimizer
 
     @property
@@ -477,6 +533,7 @@ class RunnerBaseExt(RunnerBase):
         model = self.unwrap_dist_model(self.model)
         apply_trainable(model, tensors, url_or_filename, require_all_trainable=True)
         apply_optimizer(self.optimizer, tensors, meta, url_or_filename, scaler=self.scaler)
+        keep_optimizer_impl(self.optimizer)
         if "epoch" not in meta:
             raise ValueError(f"checkpoint {url_or_filename} records no epoch; it cannot resume a run")
         state = meta.get("train_state")

@@ -159,3 +159,34 @@ def test_build_is_deterministic(tmp_path):
         assert names == sorted(p.name for p in b[key].iterdir())
         match, mismatch, errors = filecmp.cmpfiles(a[key], b[key], names, shallow=False)
         assert (mismatch, errors) == ([], []), key
+
+
+def test_opt_loader_gives_the_fast_tokenizer_with_the_slow_ids(paths):
+    """What Blip2OPTExt trains with: the Rust tokenizer (LAVIS's slow one costs ~3 ms a step), same ids and padding."""
+    from lavis_ext.models.tokenizers import OPT_PROBES, load_opt_tokenizer
+
+    fast, slow = load_opt_tokenizer(str(paths["opt"])), load_opt_tokenizer(str(paths["opt"]), fast=False)
+    assert isinstance(fast, GPT2TokenizerFast) and type(slow) is GPT2Tokenizer
+    captions = [t + "\n" for t in TEXTS] + list(OPT_PROBES)
+    for side in ("right", "left"):
+        a = fast(captions, padding="longest", truncation=True, max_length=12, padding_side=side)
+        b = slow(captions, padding="longest", truncation=True, max_length=12, padding_side=side)
+        assert a.input_ids == b.input_ids and a.attention_mask == b.attention_mask
+    ids = fast("a photo of a red circle\n").input_ids
+    assert fast.decode(ids, skip_special_tokens=True) == slow.decode(ids, skip_special_tokens=True) == "a photo of a red circle\n"
+
+
+def test_opt_loader_falls_back_to_slow_when_the_fast_ids_differ(paths, monkeypatch, caplog):
+    from lavis_ext.models import tokenizers
+
+    real = AutoTokenizer.from_pretrained
+    t5 = T5TokenizerFast.from_pretrained(str(paths["t5"]))  # other ids for the same text
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda src, use_fast=True, **kw: t5 if use_fast else real(src, use_fast=False, **kw))
+    assert type(tokenizers.load_opt_tokenizer(str(paths["opt"]))) is GPT2Tokenizer
+    assert "gives other ids than the slow one" in caplog.text
+
+
+def test_blip2_opt_is_built_with_the_fast_tokenizer(synthetic_root):
+    from tiny_models import tiny_model
+
+    assert isinstance(tiny_model("blip2_opt_ext").opt_tokenizer, GPT2TokenizerFast)
