@@ -631,7 +631,7 @@ def run_recipe(rel: str, out_dir: Path) -> dict:
     if not results and hasattr(model, "generate") and not rel.startswith(("pretrain_stage1", "retrieval/")):
         generated = _generate_once(model, int(runner.config.model_cfg.image_size), dict(os.environ))
     hf_home = Path(os.environ["HF_HOME"])
-    from lavis_ext.tasks.base import resolve_amp_dtype
+    from lavis_ext.precision import resolve_amp_dtype
 
     out = {
         "autocast": str(resolve_amp_dtype(runner.config.run_cfg, runner.device, model)),  # what the loop ran under

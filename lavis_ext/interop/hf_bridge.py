@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lavis_ext.precision import DTYPES
+
 logger = logging.getLogger(__name__)
 
 # The CLIP normalisation of LAVIS's `blip_image_eval` processor (and Hugging Face's BLIP-2 processors).
@@ -539,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("out_dir")
     imp.add_argument("--qformer-tokenizer", default="bert-base-uncased",
                      help="BERT tokenizer LAVIS builds the Q-Former with (hub name or directory)")
-    imp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="LLM storage dtype")
+    imp.add_argument("--precision", default="fp32", choices=sorted(DTYPES), help="LLM storage dtype")
     imp.add_argument("--prompt", default="", help="the model's caption prompt")
     exp = sub.add_parser("export", help="our run directory or checkpoint -> Hugging Face BLIP-2 directory")
     exp.add_argument("source", help="run directory or .safetensors checkpoint")

@@ -63,7 +63,8 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         )
 
         self.opt_tokenizer, self.opt_model = build_llm(
-            "opt", env_path(opt_model), env_path(opt_tokenizer), opt_config, resolve_dtype(llm_precision, torch.float16)
+            "opt", env_path(opt_model), env_path(opt_tokenizer), opt_config,
+            resolve_dtype(llm_precision, torch.float16, "model.llm_precision"),
         )
         if freeze_llm:
             for param in self.opt_model.parameters():
@@ -84,14 +85,42 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         atts_opt = torch.ones(inputs_opt.size()[:-1], dtype=torch.long, device=inputs_opt.device)
         return inputs_opt, atts_opt
 
+    def _prefixed_embeds(self, queries: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The query prefix then the token embeddings, in the LLM's dtype (call inside its autocast)."""
+        embed = self.opt_model.get_input_embeddings()
+        return torch.cat([queries.to(embed.weight.dtype), embed(input_ids)], dim=1)
+
     # ---- training -------------------------------------------------------------------------------
     def forward(self, samples):
         """Captioning batches (``text_input`` only) train as LAVIS does: the model prompt, then the
         caption. VQA batches (with ``text_output``) train the answer after the prompted question, with
         every distinct answer weighted by its votes (:mod:`lavis_ext.models.answers`)."""
         if "text_output" not in samples:
-            return super().forward(samples)
+            return {"loss": self._caption_loss(samples)}
         return {"loss": self._answer_loss(samples)}
+
+    def _caption_loss(self, samples):
+        """LAVIS's captioning loss, op for op: the prompt then the caption and "\n", the loss skipping the
+        prompt and the padding. Ours because LAVIS's forward wraps the LLM in its forced-fp16 autocast,
+        where the precision module must decide (:mod:`lavis_ext.precision`)."""
+        image = samples["image"]
+        inputs_opt, atts_opt = self.encode_image_for_llm(image)
+        opt_tokens = self.opt_tokenizer(
+            [t + "\n" for t in samples["text_input"]], return_tensors="pt", padding="longest", padding_side="right",
+            truncation=True, max_length=self.max_txt_len,
+        ).to(image.device)
+        targets = opt_tokens.input_ids.masked_fill(opt_tokens.input_ids == self.opt_tokenizer.pad_token_id, -100)
+        if self.prompt:
+            targets[:, : self.prompt_length] = -100
+        no_targets = torch.full(atts_opt.size(), -100, dtype=torch.long, device=image.device)
+        attention_mask = torch.cat([atts_opt, opt_tokens.attention_mask], dim=1)
+        with self.maybe_autocast(block=self.opt_model):
+            inputs_embeds = self._prefixed_embeds(inputs_opt, opt_tokens.input_ids)
+            outputs = self.opt_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True,
+                labels=torch.cat([no_targets, targets], dim=1),
+            )
+        return outputs.loss
 
     def _answer_loss(self, samples):
         image = samples["image"]
@@ -111,11 +140,10 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         input_ids, labels = input_ids.to(image.device), labels.to(image.device)
         text_mask = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long().to(image.device)
 
-        embed = self.opt_model.get_input_embeddings()
         queries = inputs_opt[index]
-        inputs_embeds = torch.cat([queries.to(embed.weight.dtype), embed(input_ids)], dim=1)
         attention_mask = torch.cat([atts_opt[index], text_mask], dim=1)
-        with self.maybe_autocast():
+        with self.maybe_autocast(block=self.opt_model):
+            inputs_embeds = self._prefixed_embeds(queries, input_ids)
             logits = self.opt_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True).logits
         # position t predicts token t + 1; the query positions predict nothing
         logits = logits[:, queries.size(1) - 1 : -1]
@@ -126,12 +154,12 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
     def generate_from_llm_inputs(self, inputs_opt, atts_opt, prompts, **generate_kwargs):
         """Decode from the image prefix (``encode_image_for_llm``, or an exported image encoder's output)
         followed by each prompt; Hugging Face ``generate`` keyword arguments pass through."""
-        self.opt_tokenizer.padding_side = "left"
-        opt_tokens = self.opt_tokenizer(list(prompts), return_tensors="pt", padding="longest").to(inputs_opt.device)
-        embed = self.opt_model.get_input_embeddings()
-        inputs_embeds = torch.cat([inputs_opt.to(embed.weight.dtype), embed(opt_tokens.input_ids)], dim=1)
+        opt_tokens = self.opt_tokenizer(list(prompts), return_tensors="pt", padding="longest", padding_side="left").to(
+            inputs_opt.device
+        )  # the side as an argument: the tokenizer is shared by concurrent serving threads
         attention_mask = torch.cat([atts_opt, opt_tokens.attention_mask], dim=1)
-        with self.maybe_autocast():
+        with self.maybe_autocast(block=self.opt_model):
+            inputs_embeds = self._prefixed_embeds(inputs_opt, opt_tokens.input_ids)
             # With inputs_embeds only, HF returns the new tokens alone.
             outputs = self.opt_model.generate(
                 inputs_embeds=inputs_embeds,

@@ -71,7 +71,8 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
             logger.warning("llm_precision fp16 overflows Flan-T5; storing it in bf16 instead")
             llm_precision = "bf16"
         self.t5_tokenizer, self.t5_model = build_llm(
-            "t5", env_path(t5_model), env_path(t5_tokenizer), t5_config, resolve_dtype(llm_precision, torch.bfloat16)
+            "t5", env_path(t5_model), env_path(t5_tokenizer), t5_config,
+            resolve_dtype(llm_precision, torch.bfloat16, "model.llm_precision"),
         )
         if freeze_llm:
             for param in self.t5_model.parameters():
@@ -118,7 +119,7 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
             qformer_text = samples.get("question", prompts)
             targets, weights, index = expand_answers(samples)
         inputs_embeds, attention_mask = self._encoder_inputs(image, prompts, qformer_text, index)
-        with self.maybe_autocast(dtype=torch.bfloat16):
+        with self.maybe_autocast(block=self.t5_model):
             output_tokens = self.t5_tokenizer(
                 targets, padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
             ).to(image.device)
@@ -138,7 +139,7 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
         """Decode from the image prefix (``encode_image_for_llm``, or an exported image encoder's output)
         followed by each prompt; Hugging Face ``generate`` keyword arguments pass through."""
         inputs_embeds, attention_mask = self._prefix_prompts(inputs_t5, atts_t5, prompts)
-        with self.maybe_autocast(dtype=torch.bfloat16):
+        with self.maybe_autocast(block=self.t5_model):
             outputs = self.t5_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
         return [text.strip() for text in self.t5_tokenizer.batch_decode(outputs, skip_special_tokens=True)]
 

@@ -27,9 +27,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-logger = logging.getLogger(__name__)
+from lavis_ext.precision import block_autocast, parse_dtype
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+logger = logging.getLogger(__name__)
 
 TINY_VIT_DEFAULTS = {"patch_size": 8, "width": 64, "depth": 2, "heads": 4, "mlp_ratio": 4.0}
 QFORMER_CONFIG_KEYS = {
@@ -53,13 +53,9 @@ def _plain(cfg: Any) -> dict:
     return dict(cfg)
 
 
-def resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
-    """'fp16'/'bf16'/'fp32' -> torch dtype, with an error naming the valid values."""
-    if name is None:
-        return default
-    if name not in DTYPES:
-        raise ValueError(f"unknown precision {name!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
+def resolve_dtype(name: str | None, default: torch.dtype, key: str = "model precision") -> torch.dtype:
+    """A storage-precision config value (``vit_precision``, ``llm_precision``) -> torch dtype; None -> ``default``."""
+    return default if name is None else parse_dtype(name, key)
 
 
 class Blip2ComponentsMixin:
@@ -74,6 +70,13 @@ class Blip2ComponentsMixin:
         return getattr(self, "_components", {}).get(key, default)
 
     # ---- hooks LAVIS calls through self -------------------------------------------------------
+    def maybe_autocast(self, dtype=None, block: nn.Module | None = None):
+        """The precision module's context for ``block`` (see :mod:`lavis_ext.precision`), not LAVIS's fp16 on
+        any GPU. ``dtype`` (what LAVIS's call sites pass) is ignored: storage and the run decide. LAVIS's
+        own call sites that we inherit (``Blip2Qformer.extract_features``) wrap the vision encoder, hence the
+        default block."""
+        return block_autocast(self.visual_encoder if block is None else block)
+
     def init_tokenizer(self, *args, **kwargs):
         from transformers import BertTokenizer
 
@@ -280,7 +283,7 @@ class Blip2ComponentsMixin:
 
     def encode_vision(self, image: torch.Tensor) -> torch.Tensor:
         """Image -> the frozen-ViT features the Q-Former attends to (the costly part worth caching)."""
-        with self.maybe_autocast():
+        with self.maybe_autocast(block=self.visual_encoder):
             return self.ln_vision(self.visual_encoder(image))
 
     def encode_queries(self, image: torch.Tensor | None = None, questions=None, image_embeds=None) -> torch.Tensor:

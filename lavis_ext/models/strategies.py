@@ -23,6 +23,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from lavis_ext.precision import HALF
+
 logger = logging.getLogger(__name__)
 
 #: target modules per family: the attention projections (peft's and the LoRA paper's default set).
@@ -125,7 +127,7 @@ def upcast_trainable(model: nn.Module) -> int:
     """
     count = 0
     for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+        if param.requires_grad and param.dtype in HALF:
             param.data = param.data.float()
             count += 1
     return count

@@ -23,6 +23,8 @@ import logging
 import torch
 from torch import nn
 
+from lavis_ext.precision import parse_dtype
+
 logger = logging.getLogger(__name__)
 
 FORWARD_METHODS = ("generate", "predict_answers")
@@ -51,14 +53,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _compute_dtype(run_cfg, device: torch.device) -> torch.dtype | None:
+    """What FSDP casts each gathered unit to: ``run.fsdp_param_dtype``, else bf16 for an amp run on a GPU."""
     name = run_cfg.get("fsdp_param_dtype")
     if name is None:
         return torch.bfloat16 if device.type == "cuda" and run_cfg.get("amp", False) else None
-    dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-              "fp32": None, "float32": None}
-    if str(name).lower() not in dtypes:
-        raise ValueError(f"run.fsdp_param_dtype {name!r} is not one of bf16, fp16, fp32")
-    return dtypes[str(name).lower()]
+    dtype = parse_dtype(name, "run.fsdp_param_dtype")
+    return None if dtype == torch.float32 else dtype
 
 
 def check_storage_dtype(model: nn.Module) -> None:

@@ -67,7 +67,7 @@ from lavis_ext.runners import fsdp
 from lavis_ext.runners.loaders import EpochStreamLoader, MixedLoader
 
 from lavis_ext.runners.tracking import RunTracker
-from lavis_ext.tasks.base import resolve_amp_dtype
+from lavis_ext.precision import resolve_amp_dtype
 
 logger = logging.getLogger(__name__)
 

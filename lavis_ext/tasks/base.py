@@ -3,13 +3,12 @@
 LAVIS 1.0.2's loops assume CUDA (`prepare_sample(cuda_enabled=True)` moves every batch to the GPU,
 amp is CUDA-only, `SmoothedValue` syncs through a GPU tensor) and do not divide the loss by
 `accum_grad_iters`.
-The loops here move batches to the model's device, autocast with `torch.autocast(device_type)`, show
+The loops here move batches to the model's device, autocast as `lavis_ext.precision` says, show
 a progress bar on the main process and log loss/lr to the run tracker. Models, data and metrics stay
 LAVIS's.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -22,12 +21,9 @@ from lavis.common.registry import registry
 from lavis.datasets.data_utils import apply_to_sample
 from tqdm.auto import tqdm
 
-from lavis_ext.models.strategies import llm_of
+from lavis_ext.precision import run_autocast
 
 logger = logging.getLogger(__name__)
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_warned_t5_fp16: list = []  # warn once per process
 
 
 def move_to_device(sample, device: torch.device):
@@ -42,30 +38,6 @@ def write_metrics(split_name: str, epoch, record: dict, metrics: dict) -> None:
         json.dump({"split": split_name, "epoch": epoch, **record, "metrics": metrics}, f, indent=2)
     with open(os.path.join(output_dir, "evaluate.txt"), "a") as f:
         f.write(json.dumps({split_name: metrics}) + "\n")
-
-
-def resolve_amp_dtype(run_cfg, device: torch.device, model=None) -> torch.dtype | None:
-    """The autocast dtype of a run: None (fp32) with ``amp: false``, else ``amp_dtype``.
-
-    On a CPU only bf16 autocasts (a recipe's ``amp: true, amp_dtype: bf16`` runs as it would on a GPU, e.g. when
-    a recipe is checked on a laptop); fp16 autocast is not a CPU training path, so ``fp16`` runs fp32 there.
-    Flan-T5 is never autocast to fp16: its activations overflow there (transformers#23918; the paper
-    and LAVIS run it in bf16), so fp16 is replaced by bf16 for T5 models, with a warning.
-    """
-    if not run_cfg.get("amp", False):
-        return None
-    name = str(run_cfg.get("amp_dtype", "bf16"))
-    if name not in AMP_DTYPES:
-        raise ValueError(f"run.amp_dtype {name!r} is not one of {sorted(AMP_DTYPES)}")
-    if device.type == "cpu":
-        return AMP_DTYPES[name] if name == "bf16" else None
-    core = getattr(model, "module", model)
-    if name == "fp16" and core is not None and llm_of(core)[0] == "t5":
-        if not _warned_t5_fp16:
-            logger.warning("run.amp_dtype fp16 overflows Flan-T5; autocasting in bf16 instead")
-            _warned_t5_fp16.append(True)
-        name = "bf16"
-    return AMP_DTYPES[name]
 
 
 def apply_lr_scales(optimizer) -> None:
@@ -133,10 +105,7 @@ class TaskExtMixin:
         return model
 
     def _autocast(self, device: torch.device, model=None):
-        dtype = resolve_amp_dtype(self.run_cfg or {}, device, model)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
+        return run_autocast(self.run_cfg, device, model)
 
     # ---- training -----------------------------------------------------------------------------
     def _count_nonfinite(self, what: str, step: int) -> None:

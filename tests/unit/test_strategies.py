@@ -240,7 +240,7 @@ def test_trainable_tensors_are_fp32_while_frozen_towers_stay_half(synthetic_root
 
 
 def test_precision_policy(synthetic_root):
-    from lavis_ext.tasks.base import resolve_amp_dtype
+    from lavis_ext.precision import resolve_amp_dtype
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     amp = {"amp": True, "amp_dtype": "fp16"}
