@@ -4,7 +4,8 @@ Both write the trainable tensors, the AdamW state after one step, the config and
 writes the lr-scheduler state, one rank's RNG states and a data position, computes a sha256 of it all,
 fsyncs, renames, and on load verifies the sha256 (LAVIS: `torch.save` in place, `torch.load`, no check).
 Sizes: the tiny BLIP-2 OPT of `projects/tiny` (0.44 M parameters, all trainable) and a 25 M-parameter
-stand-in for a trained Q-Former-sized part (Linear stack). Median of N runs, page cache warm.
+stand-in for a trained Q-Former-sized part (Linear stack). Median of N runs, page cache warm, the two sides
+alternating run by run (one untimed call each first).
 
 Usage: python bench/checkpoint_io.py [--quick] [--runs 5] [--json OUT] [--mparams 25]
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import add_common_args, print_rows, resolve_runs, row, stat, time_calls, write_json  # noqa: E402
+from common import add_common_args, interleaved, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
 
 
 def tiny_blip2():
@@ -106,10 +107,12 @@ def main(argv=None):
         for name, model in models.items():
             optimizer = stepped(model)
             ours, theirs = Path(tmp) / "c.safetensors", Path(tmp) / "c.pth"
-            s_ours = time_calls(lambda: ours_save(ours, model, optimizer, config), runs, warmup=0)
-            s_lavis = time_calls(lambda: lavis_save(theirs, model, optimizer, config), runs, warmup=0)
-            l_ours = time_calls(lambda: ours_load(ours, model, optimizer), runs, warmup=0)
-            l_lavis = time_calls(lambda: lavis_load(theirs, model, optimizer), runs, warmup=0)
+            # saves, then loads of those files; within each, the sides alternate run by run
+            saves = interleaved({"ours": lambda: ours_save(ours, model, optimizer, config),
+                                 "peer": lambda: lavis_save(theirs, model, optimizer, config)}, runs, warmup=1)
+            loads = interleaved({"ours": lambda: ours_load(ours, model, optimizer),
+                                 "peer": lambda: lavis_load(theirs, model, optimizer)}, runs, warmup=1)
+            s_ours, s_lavis, l_ours, l_lavis = saves["ours"], saves["peer"], loads["ours"], loads["peer"]
             size = f"{ours.stat().st_size / 1e6:.1f} MB ours / {theirs.stat().st_size / 1e6:.1f} MB LAVIS"
             rows.append(row(f"checkpoint save, {name} ({size})", "s", stat("full-state safetensors", s_ours),
                             stat("LAVIS torch.save", s_lavis), higher_is_better=False,

@@ -1,8 +1,11 @@
 """What every bench script shares: the ``--quick/--runs/--json`` arguments, timing, statistics and the JSON row schema.
 
-Each bench measures ours against a peer in the same process (or the same invocation) and reports rows of
-``{"what", "unit", "higher_is_better", "ours": stat, "peer": stat | None, "ratio", "target", "met", "note"}``
-where ``stat = {"label", "median", "min", "max"}`` and ``ratio`` > 1 always means ours is better.
+Each bench measures ours against a peer in the same process (or the same invocation), the two sides alternating
+run by run (:func:`alternate`, :func:`interleaved`), and reports rows of
+``{"what", "unit", "higher_is_better", "ours": stat, "peer": stat | None, "ratio", "target", "met", "verdict", "note"}``
+where ``stat = {"label", "median", "min", "max"}`` and ``ratio`` > 1 always means ours is better. ``verdict`` is
+"met" only when the min-max ranges separate (:func:`verdict`), "not met", or "within noise"; ``met`` is True only
+for "met".
 ``bench/run_all.py`` collects these files into ``BENCHMARKS.md``; :func:`validate` is the schema both sides trust.
 """
 from __future__ import annotations
@@ -61,14 +64,44 @@ def ranges_overlap(ours: dict, peer: dict | None) -> bool:
     return peer is not None and ours["min"] <= peer["max"] and peer["min"] <= ours["max"]
 
 
+def ratio_bounds(ours: dict, peer: dict, higher_is_better: bool) -> tuple[float, float]:
+    """The ratio's worst and best case over the runs: ours' slowest against the peer's fastest run, and the
+    reverse. Both above 1 = the ranges separate in ours' favour; both below = in the peer's."""
+    if higher_is_better:
+        return ours["min"] / peer["max"], ours["max"] / peer["min"]
+    return peer["min"] / ours["max"], peer["max"] / ours["min"]
+
+
+VERDICTS = ("met", "not met", "within noise")
+
+
+def verdict(ours: dict, peer: dict | None, higher_is_better: bool, ratio: float | None, target: float | None) -> str | None:
+    """"met" only when even the worst case over the runs reaches the target (for a target of 1: ours' slowest run
+    beats the peer's fastest), "not met" when even the best case misses it, else "within noise": a median ratio
+    above the target whose ranges overlap is noise, not a result. A ratio given without a peer (a figure computed
+    another way) is judged by its value. None without a target or a ratio."""
+    if target is None or ratio is None:
+        return None
+    if peer is None or not peer["min"] or not ours["min"]:
+        return "met" if ratio >= target else "not met"
+    worst, best = ratio_bounds(ours, peer, higher_is_better)
+    if worst > target or (worst == best and worst >= target):  # a single run per side: no spread to separate
+        return "met"
+    if best < target:
+        return "not met"
+    return "within noise"
+
+
 def row(what: str, unit: str, ours: dict, peer: dict | None = None, *, higher_is_better: bool = True,
         target: float | None = None, note: str = "", ratio: float | None = None) -> dict:
-    """One table row; the ratio is computed from the medians unless given, ``met`` from the target."""
+    """One table row; the ratio is computed from the medians unless given; ``verdict`` (see :func:`verdict`) and
+    ``met`` (True only for "met": a target reached within noise is not met) from the target."""
     if ratio is None:
         ratio = ratio_of(ours, peer, higher_is_better)
-    met = None if target is None or ratio is None else bool(ratio >= target)
+    judged = verdict(ours, peer, higher_is_better, ratio, target)
+    met = None if judged is None else judged == "met"
     return {"what": what, "unit": unit, "higher_is_better": bool(higher_is_better), "ours": ours, "peer": peer,
-            "ratio": ratio, "target": target, "met": met, "note": note}
+            "ratio": ratio, "target": target, "met": met, "verdict": judged, "note": note}
 
 
 def validate(payload: dict) -> dict:
@@ -99,6 +132,10 @@ def validate(payload: dict) -> dict:
                 raise ValueError(f"{where}: {k} is {r[k]!r}, not a number or null")
         if r["met"] not in (None, True, False):
             raise ValueError(f"{where}: met is {r['met']!r}, not true/false/null")
+        if r.get("verdict") not in (None, *VERDICTS):
+            raise ValueError(f"{where}: verdict is {r['verdict']!r}, not one of {list(VERDICTS)} or null")
+        if r.get("verdict") is not None and r["met"] != (r["verdict"] == "met"):
+            raise ValueError(f"{where}: met is {r['met']!r} but verdict is {r['verdict']!r}")
     return payload
 
 
@@ -134,9 +171,15 @@ def print_rows(rows: list[dict]) -> None:
         o, p = r["ours"], r["peer"]
         peer = f"{p['label']}: {fmt(p['median'], r['unit'])} ({fmt(p['min'])}-{fmt(p['max'])})" if p else "-"
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
-        target = "" if r["target"] is None else f" target >= {r['target']:g}x: {'met' if r['met'] else 'NOT met'}"
+        target = "" if r["target"] is None else f" target >= {r['target']:g}x: {verdict_text(r)}"
         print(f"{r['what']}\n  ours {o['label']}: {fmt(o['median'], r['unit'])} ({fmt(o['min'])}-{fmt(o['max'])})\n"
               f"  peer {peer}\n  ratio {ratio}{target}" + (f"\n  note: {r['note']}" if r["note"] else ""), flush=True)
+
+
+def verdict_text(r: dict) -> str:
+    """The row's verdict as printed: met, NOT met, or within noise (rows written before verdicts: from met)."""
+    judged = r.get("verdict") or (None if r.get("met") is None else ("met" if r["met"] else "not met"))
+    return {"met": "met", "not met": "NOT met", "within noise": "within noise (min-max ranges overlap)"}.get(judged, "no figure")
 
 
 def time_calls(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
@@ -151,20 +194,34 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[flo
     return times
 
 
-def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Time several contenders run after run, alternating their order, so load changes on a shared machine
-    hit every side alike. Returns seconds per call for each name."""
+def alternate(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 0) -> dict[str, list]:
+    """Call several contenders run after run, alternating their order (AB, BA, AB...), so load changes on a shared
+    machine hit every side alike; returns what each call returned, per name. For measurements a call makes itself
+    (a child process reporting its import time, a peak RSS); :func:`interleaved` times the calls."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    results: dict[str, list] = {name: [] for name in fns}
     names = list(fns)
     for run in range(runs):
         for name in names if run % 2 == 0 else names[::-1]:
+            results[name].append(fns[name]())
+    return results
+
+
+def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time several contenders run after run with :func:`alternate`. Returns seconds per call for each name."""
+    def timed(fn):
+        def call():
             start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+            fn()
+            return time.perf_counter() - start
+        return call
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    return alternate({name: timed(fn) for name, fn in fns.items()}, runs)
 
 
 def setup_paths() -> None:

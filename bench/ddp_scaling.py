@@ -6,8 +6,9 @@ samples/s = processes x batch x steps / time of the timed epoch. Configurations:
 1 process x 2 threads (the same cores as 2 x 1), 2 processes x 1 thread. Efficiency = (2-process
 samples/s) / (2 x 1-process-1-thread samples/s).
 
-Each configuration is one timed epoch (a fresh torchrun each), so min = max = median; --runs repeats the
-whole set. Usage: python bench/ddp_scaling.py [--quick] [--runs 1] [--json OUT] [--steps 40] [--data data/synthetic]
+Each configuration is one timed epoch (a fresh torchrun each); --runs repeats the set, the configurations
+alternating their order run by run (bench/common.alternate) so load changes hit all alike.
+Usage: python bench/ddp_scaling.py [--quick] [--runs 2] [--json OUT] [--steps 40] [--data data/synthetic]
 (--quick: 10 steps.)
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import add_common_args, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
+from common import add_common_args, alternate, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
 
 
 def worker(argv):
@@ -72,20 +73,22 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--worker":
         return worker(argv[1:])
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), runs=1, quick_runs=1)
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), runs=2, quick_runs=2)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 40, 10 with --quick)")
     parser.add_argument("--data", default=os.environ.get("LAVIS_EXT_DATA", str(REPO / "data/synthetic")))
     args = parser.parse_args(argv)
     runs = resolve_runs(args)
     steps = args.steps or (10 if args.quick else 40)
     data = Path(args.data).resolve()
-    rates: dict[tuple, list[float]] = {}
-    for _ in range(runs):
-        for nproc, threads in ((1, 1), (1, 2), (2, 1)):
+    def config_run(nproc: int, threads: int):
+        def call() -> float:
             r = run(nproc, threads, steps, data)
-            rates.setdefault((nproc, threads), []).append(r["samples_per_s"])
             print(f"{nproc} process(es) x {threads} thread(s): {r['samples_per_s']:.1f} samples/s "
                   f"({r['steps']} steps of {16 * nproc} samples in {r['seconds']:.2f} s)", flush=True)
+            return r["samples_per_s"]
+        return call
+
+    rates = alternate({(n, t): config_run(n, t) for n, t in ((1, 1), (1, 2), (2, 1))}, runs)
     two = stat("2 processes x 1 thread", rates[(2, 1)])
     one = stat("1 process x 1 thread", rates[(1, 1)])
     both = stat("1 process x 2 threads", rates[(1, 2)])
@@ -93,7 +96,7 @@ def main(argv=None):
           f"efficiency {two['median'] / (2 * one['median']):.0%}; vs 1 process x 2 threads: {two['median'] / both['median']:.2f}x")
     what = "DDP scaling, tiny OPT through the real runner (gloo), batch 16 per process: samples/s"
     rows = [row(f"{what}, vs 1 process", "samples/s", two, one,
-                note=f"efficiency {two['median'] / (2 * one['median']):.0%} on {os.cpu_count()} cores; {steps} steps, one timed epoch per configuration"),
+                note=f"efficiency {two['median'] / (2 * one['median']):.0%} on {os.cpu_count()} cores; {steps} steps, one timed epoch per configuration and run, {runs} runs alternating"),
             row(f"{what}, vs 1 process on the same 2 cores", "samples/s", two, both,
                 note="1 process with 2 intra-op threads uses the same cores as 2 x 1")]
     print_rows(rows)

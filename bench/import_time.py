@@ -1,7 +1,9 @@
 """Import cost of `import lavis_ext` against `import lavis` itself, each in fresh interpreters.
 
 Stock `import lavis` fails on this stack (moved transformers helpers), so the peer applies only that
-one shim and then imports LAVIS. Prints median/min/max of N runs and the difference.
+one shim and then imports LAVIS. The two sides alternate run by run (AB, BA, ...: bench/common.alternate), so a
+load change on a shared machine hits both; all-peer-then-all-ours measured 1.34x where alternating gives 0.98x.
+Prints median/min/max of N runs and the difference.
 Usage: python bench/import_time.py [--quick] [--runs 5] [--json OUT]
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
+from common import add_common_args, alternate, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
 
 PEER = (
     "import time; t = time.perf_counter()\n"
@@ -26,30 +28,29 @@ PEER = (
 OURS = "import time; t = time.perf_counter()\nimport lavis_ext\nprint(time.perf_counter() - t)\n"
 
 
-def measure(code: str, runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
-        times.append(float(out.stdout.strip().splitlines()[-1]))
-    return times
+def measure(code: str) -> float:
+    """Seconds the import took in a fresh interpreter, as the child measured it."""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__), runs=5, quick_runs=2)
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__), runs=5, quick_runs=3)
     args = parser.parse_args(argv)
     runs = resolve_runs(args)
-    measure(OURS, 1)  # warm the file cache for both
-    results = {}
-    for name, code in (("import lavis (+ transformers shim)", PEER), ("import lavis_ext", OURS)):
-        t = measure(code, runs)
-        results[name] = t
+    sides = {"import lavis (+ transformers shim)": PEER, "import lavis_ext": OURS}
+    # one untimed import of each warms the file cache for both
+    results = alternate({name: (lambda code=code: measure(code)) for name, code in sides.items()}, runs, warmup=1)
+    for name, t in results.items():
         print(f"{name:40s} median {statistics.median(t):.2f} s (min {min(t):.2f}, max {max(t):.2f})")
     peer, ours = (stat(name, t) for name, t in results.items())
     extra = ours["median"] - peer["median"]
+    worst = ours["max"] - peer["min"]  # the target is met only if even ours' slowest run against the peer's fastest meets it
     print(f"{'lavis_ext extra cost':40s} {extra:+.2f} s (ratio {ours['median'] / peer['median']:.2f}x)")
     rows = [row("import cost, fresh interpreter", "s", ours, peer, higher_is_better=False,
-                note=f"lavis_ext adds {extra:+.2f} s over importing LAVIS itself; target <= +1 s: "
-                     f"{'met' if extra <= 1.0 else 'NOT met'} (registration imports LAVIS, which is most of the cost)")]
+                note=f"lavis_ext adds {extra:+.2f} s over importing LAVIS itself (worst case over the runs {worst:+.2f} s); "
+                     f"target <= +1 s: {'met' if worst <= 1.0 else 'NOT met'} (registration imports LAVIS, which is most "
+                     "of the cost); sides alternate run by run")]
     print_rows(rows)
     write_json(args.json, "import_time", rows, argv)
     return 0

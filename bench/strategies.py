@@ -1,10 +1,11 @@
 """Step time and peak memory of each training strategy, as ratios to full fine-tuning.
 
-Every strategy runs in its own fresh interpreter (peak RSS is per process) on the same model size,
-batch and seed: build the BLIP-2 OPT, run warm-up steps, then time ``--steps`` training steps
-(forward, backward, AdamW). Memory is the peak RSS of the process minus its RSS before the model was
-built, i.e. what the model, its gradients, optimizer state and activations add. On a CUDA machine
-(``--device cuda``) it reports ``torch.cuda.max_memory_allocated`` instead.
+Every strategy lives in its own interpreter (peak RSS is per process) on the same model size, batch and seed:
+all are built and warmed up first, then the parent asks them for one timed training step each (forward,
+backward, AdamW) in turn, the order alternating step by step (bench/common.alternate), so load changes on a
+shared machine hit every strategy alike; a child waits on its pipe, idle, while another steps. Memory is the
+peak RSS of the process minus its RSS before the model was built, i.e. what the model, its gradients, optimizer
+state and activations add. On a CUDA machine (``--device cuda``) it reports ``torch.cuda.max_memory_allocated``.
 
 Usage: python bench/strategies.py [--quick] [--json OUT] [--size tiny|small] [--steps 20] [--batch 16] [--device cpu]
 (--quick: 1 warm-up and 5 timed steps per strategy; each strategy's figure is the median of its steps.)
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, print_rows, row, write_json  # noqa: E402
+from common import add_common_args, alternate, print_rows, row, stat, write_json  # noqa: E402
 
 STRATEGIES = {
     "full": {"freeze_vit": False, "freeze_llm": False},
@@ -70,28 +71,54 @@ def step():
     optimizer.step()
 for _ in range(args.get("warmup", 3)):
     step()
-times = []
-for _ in range(args["steps"]):
+print("ready", flush=True)
+for command in sys.stdin:  # "step": one timed step, its seconds back; "done": the memory figures, exit
+    if command.strip() != "step":
+        break
     if device.type == "cuda": torch.cuda.synchronize()
     t = time.perf_counter(); step()
     if device.type == "cuda": torch.cuda.synchronize()
-    times.append(time.perf_counter() - t)
+    print(time.perf_counter() - t, flush=True)
 if device.type == "cuda":
     memory = torch.cuda.max_memory_allocated() / 2**20
 else:
     memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-print(json.dumps({"step_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "memory_mib": memory,
-                  "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters())}))
+print(json.dumps({"memory_mib": memory, "trainable": sum(p.numel() for p in params),
+                  "total": sum(p.numel() for p in model.parameters())}), flush=True)
 """
 
 
-def run(strategy: dict, size: dict, steps: int, batch: int, device: str, warmup: int = 3) -> dict:
-    payload = json.dumps({"strategy": strategy, "size": size, "steps": steps, "batch": batch, "device": device,
-                          "warmup": warmup})
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, payload], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class Child:
+    """One strategy's interpreter, built and warmed up, stepping on request."""
+
+    def __init__(self, strategy: dict, size: dict, batch: int, device: str, warmup: int):
+        payload = json.dumps({"strategy": strategy, "size": size, "batch": batch, "device": device, "warmup": warmup})
+        self.proc = subprocess.Popen([sys.executable, "-W", "ignore", "-c", CHILD, payload], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._expect("ready")
+
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(self.proc.stderr.read()[-3000:])
+        return line.strip()
+
+    def _expect(self, word: str) -> None:
+        while (line := self._line()) != word:
+            pass
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self._line())
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.close()
+        result = json.loads(self._line())
+        self.proc.wait()
+        return result
 
 
 def main(argv=None) -> int:
@@ -103,7 +130,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     steps = args.steps or (5 if args.quick else 20)
     warmup = 1 if args.quick else 3
-    results = {name: run(s, SIZES[args.size], steps, args.batch, args.device, warmup) for name, s in STRATEGIES.items()}
+    children = {}
+    try:
+        for name, strategy in STRATEGIES.items():
+            children[name] = Child(strategy, SIZES[args.size], args.batch, args.device, warmup)
+        times = alternate({name: child.step for name, child in children.items()}, steps)
+        results = {name: {**child.finish(), "times": times[name]} for name, child in children.items()}
+    finally:
+        for child in children.values():
+            if child.proc.poll() is None:
+                child.proc.kill()
+    for r in results.values():
+        r.update(step_s=stat("", r["times"])["median"], min_s=min(r["times"]), max_s=max(r["times"]))
     full = results["full"]
     unit = "peak RSS added" if args.device == "cpu" else "peak CUDA memory"
     print(f"| strategy | trainable / total | step (median, min-max) | x full | {unit} | x full |")
