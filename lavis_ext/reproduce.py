@@ -94,7 +94,9 @@ ABLATIONS = {
     "stage1": ("Stage-1 representation learning before stage 2 (paper Figure 5): test caption CIDEr-D",
                ["CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "wall_min"], ["val/CIDEr", "train/loss"]),
     "losses": ("Stage-1 objectives (paper Table 6's ablation): test retrieval recall, image->text (txt_r) "
-               "and text->image (img_r)", ["txt_r1", "txt_r5", "img_r1", "img_r5", "wall_min"],
+               "and text->image (img_r) with the protocol's ITM re-ranking, then by ITC alone (itc_*)",
+               ["txt_r1", "txt_r5", "img_r1", "img_r5", "itc_txt_r1", "itc_txt_r5", "itc_img_r1", "itc_img_r5",
+                "wall_min"],
                ["val/txt_r1", "val/img_r1", "train/loss"]),
     "llm": ("Frozen LLM vs LoRA vs full fine-tuning for VQA: test VQA accuracy (official), per question type, "
             "trainable parameters and wall time",
@@ -197,9 +199,10 @@ def run_all(out: Path, size: str, seeds, ablations, jobs: int, threads: int) -> 
     tasks = [(arm, seed) for arm in order for seed in seeds]
     finished, failed, failures = set(), set(), []
     in_process = jobs == 1
-    if in_process:  # one thread, one process: the tests' path (torch's thread count is per calling thread)
-        import torch
+    import torch
 
+    threads_before = torch.get_num_threads()
+    if in_process:  # the arms run here, in this thread (torch's thread count is per calling thread)
         torch.set_num_threads(threads)
     pool = None if in_process else ThreadPoolExecutor(max_workers=jobs)
     running, pending = {}, list(tasks)
@@ -230,6 +233,7 @@ def run_all(out: Path, size: str, seeds, ablations, jobs: int, threads: int) -> 
     finally:
         if pool:
             pool.shutdown(wait=True)
+        torch.set_num_threads(threads_before)
     return failures
 
 
@@ -246,6 +250,46 @@ class _Done:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+ITC_ONLY_FILE = "itc_only_test.json"
+
+
+def itc_only_recall(run: Path) -> dict:
+    """Test recall of a finished retrieval run ranked by ITC similarity alone (no ITM re-ranking), cached in
+    the run folder as ``itc_only_test.json``.
+
+    Why: the protocol re-ranks ITC's top k with ITM + ITC, and an ITC-only model's ITM head never trained
+    (its loss weight is 0), so its protocol numbers carry a random head's noise; this column compares the
+    three objectives on the one ranking they all train. The retrieval task's own encoder and metric
+    functions do the work, on the run's best checkpoint (``lavis_ext.cli.evaluate``'s loader).
+    """
+    cached = run / ITC_ONLY_FILE
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    import torch
+
+    from lavis_ext import cli
+    from lavis_ext import dist as ext_dist
+    from lavis_ext.evaluation.retrieval import index_captions, retrieval_metrics
+    from lavis_ext.tasks.retrieval import itc_similarity, merge_shares
+
+    def score(runner):
+        model = runner.unwrap_dist_model(runner.model)
+        model.eval()
+        with torch.no_grad():
+            records, _ = runner.task._encode_share(model, runner.dataloaders["test"], runner.device)
+        _, ordered = merge_shares(ext_dist.all_gather_object(records))
+        _, img2txt, txt2img = index_captions([r["captions"] for r in ordered])
+        sims = itc_similarity(torch.stack([r["image_feat"] for r in ordered]), torch.cat([r["text_feat"] for r in ordered]))
+        return retrieval_metrics(sims, sims.t(), img2txt, txt2img)
+
+    argv = ["--cfg-path", str(REPO / KINDS["retrieval"][0]), "--checkpoint", str(run), "--options",
+            f"run.output_dir={run / 'itc_only'}", "run.job_id=eval", "run.valid_splits=[]", "run.num_workers=0"]
+    _, metrics = cli._run(argv, "ITC-only retrieval", score, checkpoint=True)
+    metrics = {f"itc_{k}": v for k, v in metrics.items() if k.startswith(("txt_r", "img_r"))}
+    cached.write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
 
 
 def load_groups(out: Path, ablation: str) -> dict[str, list[report.Run]]:
@@ -266,6 +310,8 @@ def load_groups(out: Path, ablation: str) -> dict[str, list[report.Run]]:
             run.metrics.update({k: side[k] for k in ("trainable_params", "total_params") if k in side})
             record = json.loads(report._metrics_file(seed_dir, "test").read_text())
             run.metrics.update(record.get("metrics", {}).get("per_question_type", {}))
+            if arm.kind == "retrieval":
+                run.metrics.update(itc_only_recall(seed_dir))
             runs.append(run)
         if runs:
             groups[arm.label] = runs

@@ -41,7 +41,9 @@ def test_every_arm_runs_and_the_results_have_one_row_per_arm(micro):
     assert all(r["seed"] == "42" for r in rows if r["kind"] == "run")
     by_group = {r["group"]: r for r in rows if r["kind"] == "run"}
     assert float(by_group["stage1: stage 2 from scratch"]["CIDEr"]) >= 0
-    assert 0 <= float(by_group["losses: ITC"]["txt_r1"]) <= 100
+    for label in ("ITC", "ITC+ITM", "ITC+ITM+ITG"):  # protocol recall and the ITC-only ranking's, per arm
+        row = by_group[f"losses: {label}"]
+        assert all(0 <= float(row[m]) <= 100 for m in ("txt_r1", "img_r5", "itc_txt_r1", "itc_img_r5"))
     # LoRA trains fewer parameters than the full LLM and more than the frozen one
     params = {name: int(float(by_group[f"llm: {label}"]["trainable_params"])) for name, label in (
         ("frozen", "caption-trained LLM frozen"), ("lora", "caption-trained LLM + LoRA r16"),
