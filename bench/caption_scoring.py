@@ -17,7 +17,13 @@ WordNet lemmas shipped in METEOR's jar ("large": ~7,000 distinct words in 5,000 
 test split's, so METEOR's paraphrase cut keeps ~10x more entries).
 Runs alternate peer/ours so that load changes on a shared machine hit both. Prints median/min/max of
 ``--runs`` runs each for wall time and for CPU time (this process plus its Java children: load-independent on a
-shared machine), the ratios of the medians, and the largest score difference (must be <= 1e-9).
+shared machine), the ratios of the medians, and the largest score difference (must be <= 1e-9). These are repeat
+calls: the paraphrase index is built and the Java helper compiled before them.
+
+First calls are reported apart, each side in a fresh interpreter timing only its call (imports done), on the small
+vocabulary: ours with the index cached (what every new process pays: index load, helper check) and ours with an
+empty cache (``$LAVIS_EXT_CACHE`` a new folder: the one-time index build and helper compile, once per machine),
+against the peer's first call (it has no one-time step).
 Usage: python bench/caption_scoring.py [--quick] [--runs 3] [--json OUT] [--images 5000] [--refs 5]
                                       [--vocabulary small|large|both]
 (--quick: 2 runs each instead of 3; the size stays 5,000, the one the target is set for.)
@@ -163,7 +169,57 @@ def prepare_meteor_index() -> str:
     built = index.build_seconds
     how = f"built now in {elapsed:.1f} s" if elapsed > 5 else f"loaded in {elapsed:.2f} s (built once in {built:.0f} s)"
     print(f"METEOR paraphrase index: {index.num_entries:,} entries, {how}")
-    return f"one-time index of the full table: {built:.0f} s on first use"
+    return "its index of the full table built before these runs: see the first-call rows"
+
+
+def first_call(side: str, gt: Path, res: Path, cache: Path | None) -> float:
+    """Wall seconds of ``side``'s first call in a fresh interpreter (``cache``: a ``$LAVIS_EXT_CACHE`` to use)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if cache is not None:
+        env["LAVIS_EXT_CACHE"] = str(cache)
+    cmd = [sys.executable, "-W", "ignore", __file__, "--first-call-child", side, str(gt), str(res)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("FIRST ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"first call of {side} failed: {proc.stderr[-2000:]}")
+    return float(lines[-1].split()[1])
+
+
+def first_call_child(side: str, gt: str, res: str) -> int:
+    """In the fresh interpreter: import, then time one call (``FIRST <seconds>`` on stdout)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import lavis_ext.evaluation.score  # noqa: F401
+    import pycocoevalcap.eval  # noqa: F401
+    fn = {"ours": run_ours, "peer": run_peer}[side]
+    with tempfile.TemporaryDirectory(prefix="bench_capscore_first_") as tmp:
+        start = time.perf_counter()
+        fn(Path(gt), Path(res), Path(tmp))
+        print(f"FIRST {time.perf_counter() - start}", flush=True)
+    return 0
+
+
+def measure_first_calls(args) -> list[dict]:
+    """Peer, ours (index cached), ours (empty cache) first calls, each in a fresh interpreter, once each."""
+    refs, preds = make_captions(args.images, args.refs)
+    with tempfile.TemporaryDirectory(prefix="bench_capscore_") as tmp_name:
+        tmp = Path(tmp_name)
+        gt, res = write_files(tmp, refs, preds)
+        peer = first_call("peer", gt, res, None)
+        cached = first_call("ours", gt, res, None)
+        empty = first_call("ours", gt, res, tmp / "empty_cache")
+    print(f"first call in a fresh process: peer {peer:.1f} s, ours {cached:.1f} s (index cached), "
+          f"{empty:.1f} s (empty cache: index build + helper compile)", flush=True)
+    what = f"caption scoring, {args.images:,} captions x {args.refs} refs, small vocabulary: first call in a fresh process"
+    peer_stat = stat("pycocoevalcap COCOEvalCap as LAVIS runs it", [peer])
+    return [row(f"{what}, index cached (every new process)", "s", stat("lavis_ext score_captions", [cached]), peer_stat,
+                higher_is_better=False, note="one call per side; imports done before the timing"),
+            row(f"{what}, empty cache (once per machine)", "s",
+                stat("lavis_ext score_captions incl. METEOR paraphrase index build", [empty]), peer_stat,
+                higher_is_better=False,
+                note=f"the one-time index of METEOR's 5.27 M-entry paraphrase table (and its Java helper) is built in "
+                     f"this call: {empty - cached:.0f} s more than with the index cached; later processes load it")]
 
 
 def summary(times: list[float]) -> str:
@@ -219,7 +275,7 @@ def measure(args, vocabulary_name: str, index_note: str) -> list[dict]:
           f"CPU {summary(cpu['peer'])}")
     print(f"ours (lavis_ext score_captions):                   wall {summary(times['ours'])}; "
           f"CPU {summary(cpu['ours'])}")
-    print(f"speed-up, wall (median / median): {ratio:.2f}x   (target >= 2x)")
+    print(f"speed-up, wall (median / median): {ratio:.2f}x   (target >= 3x)")
     print(f"CPU used, peer / ours (median / median): {cpu_ratio:.2f}x")
     print(f"largest score difference over {', '.join(KEYS)}: {worst:.3g}  (must be <= 1e-9)")
     print("scores: " + "  ".join(f"{k}={scores['ours'][k]:.6f}" for k in KEYS))
@@ -227,16 +283,19 @@ def measure(args, vocabulary_name: str, index_note: str) -> list[dict]:
         raise SystemExit("scores differ")
     what = (f"caption scoring, {args.images:,} captions x {args.refs} refs (BLEU/METEOR/ROUGE-L/CIDEr), "
             f"{vocabulary_name} vocabulary ({len(vocabulary):,} words)")
-    return [row(f"{what}: wall time", "s", stat("lavis_ext score_captions", times["ours"]),
-                stat("pycocoevalcap COCOEvalCap as LAVIS runs it", times["peer"]), higher_is_better=False, target=2.0,
+    return [row(f"{what}, repeat calls: wall time", "s", stat("lavis_ext score_captions", times["ours"]),
+                stat("pycocoevalcap COCOEvalCap as LAVIS runs it", times["peer"]), higher_is_better=False, target=3.0,
                 note=f"scores identical (largest difference {worst:.1g}); METEOR reads its paraphrase table cut to "
                      f"the references ({kept:,} of 5.27 M entries; {index_note})"),
-            row(f"{what}: CPU time incl. Java children", "s", stat("lavis_ext score_captions", cpu["ours"]),
+            row(f"{what}, repeat calls: CPU time incl. Java children", "s", stat("lavis_ext score_captions", cpu["ours"]),
                 stat("pycocoevalcap COCOEvalCap as LAVIS runs it", cpu["peer"]), higher_is_better=False,
                 note="load-independent on a shared machine")]
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--first-call-child"]:
+        return first_call_child(*argv[1:4])
     parser = add_common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
                              runs=3, quick_runs=2)
     parser.add_argument("--images", type=int, default=5000, help="captions to score")
@@ -244,6 +303,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocabulary", choices=["small", "large", "both"], default="both",
                         help="small: ~100 template words; large: most nouns drawn from 10,000 WordNet lemmas by a "
                              "Zipf law (~7,000 distinct words in 5,000 x 5 captions, COCO-sized); both (default)")
+    parser.add_argument("--no-first-call", action="store_true", help="skip the first-call rows (the empty-cache one "
+                        "rebuilds METEOR's paraphrase index: ~45 s)")
     args = parser.parse_args(argv)
     args.runs = resolve_runs(args)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -252,6 +313,8 @@ def main(argv=None) -> int:
     rows = []
     for name in (["small", "large"] if args.vocabulary == "both" else [args.vocabulary]):
         rows += measure(args, name, index_note)
+    if not args.no_first_call:
+        rows += measure_first_calls(args)
     print_rows(rows)
     write_json(args.json, "caption_scoring", rows, argv)
     return 0

@@ -224,6 +224,25 @@ def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1
     return alternate({name: timed(fn) for name, fn in fns.items()}, runs)
 
 
+def interleaved_wall_cpu(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1
+                         ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """:func:`interleaved`, returning wall seconds and this process's CPU seconds (all its threads) per call. CPU
+    time hardly moves with other processes' load where wall time does: on a shared machine it is the steadier
+    figure of work done (single-threaded sides; threads that wait idle cost no CPU time)."""
+    def timed(fn):
+        def call():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            return time.perf_counter() - wall, time.process_time() - cpu
+        return call
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    pairs = alternate({name: timed(fn) for name, fn in fns.items()}, runs)
+    return ({n: [w for w, _ in v] for n, v in pairs.items()}, {n: [c for _, c in v] for n, v in pairs.items()})
+
+
 def setup_paths() -> None:
     """Make ``lavis_ext`` and ``tests/tiny_models`` importable from a bench run anywhere, and point the tiny
     configs at the synthetic data (``make data``) unless LAVIS_EXT_DATA says otherwise."""

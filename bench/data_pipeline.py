@@ -172,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             overhead_ms = max(0.0, 1000 / ours["median"] - per_image_ms)
             note = (f"raw = decode + the same processor on bytes in memory (no tar, JSON, shuffle): {per_image_ms:.2f} ms "
                     f"per image; the pipeline adds {overhead_ms:.2f} ms per sample")
-            if ours["median"] < 0.9 * raw["median"]:
+            if ours["median"] < 0.95 * raw["median"]:
                 note += (", mostly reading the tar (Python's tarfile inside webdataset, the same in LAVIS's pipeline) and "
                          "the JSON: it weighs only where decoding is this cheap; at BLIP-2's image sizes it is a few %")
+            # issue 18's targets: 0.95x of the raw limit at 64 px, 0.98x at 384 px
             rows.append(row(f"data pipeline, {what}: images/s, 1 worker, vs raw decode limit", "images/s", ours,
-                            raw, target=0.9, note=note))
+                            raw, target=0.95 if size <= 64 else 0.98, note=note))
             rows.append(row(f"data pipeline, {what}: images/s, 1 worker, vs LAVIS laion pipeline", "images/s", ours,
                             stat("LAVIS LaionDataset", rate["laion"]), target=1.0))
             print(f"{what}: " + ", ".join(f"{k} {stat(k, v)['median']:.0f} images/s" for k, v in rate.items()), flush=True)

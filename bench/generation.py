@@ -3,7 +3,7 @@ with identical weights (converted by lavis_ext.interop.hf_bridge) and identical 
 
 The model is the tiny BLIP-2 OPT with its LLM widened to 256 x 4 layers (the ViT and Q-Former stay tiny),
 random weights, CPU. Each setting times both sides alternately (same process, same threads) and checks
-that they produce the same captions. Both sides tokenise the prompts inside the timing (ours with the
+that they produce the same captions. Target (issue 18): >= 1.2x, met only when the min-max ranges separate. Both sides tokenise the prompts inside the timing (ours with the
 model's tokenizer, the peer with the exported ``Blip2Processor``, which prepends the image tokens) and
 decode the output ids.
 
@@ -32,8 +32,9 @@ SETTINGS = [  # (label, num_beams, batch)
     ("greedy, batch 16", 1, 16),
 ]
 MAX_NEW_TOKENS = 30
-# Why a ratio just under 1 is parity, not a loss: the same decode loop on the same weights (profiled: the same
-# number of linear calls, each as fast), so what differs between runs is load, and its sign changes between runs.
+# Why overlapping ranges are parity, either way: the same decode loop on the same weights (profiled: the same number
+# of linear calls, each as fast), so what differs between runs is load, and its sign changes between runs. Said on
+# every row whose min-max ranges overlap (bench/common.verdict: "within noise"), above 1 as well as below.
 NOISE_NOTE = ("; both sides run transformers' generate loop on the same weights (the same calls, profiled), so a gap "
               "of a few % is run-to-run noise: it changes sign between runs of this suite")
 
@@ -94,12 +95,13 @@ def main(argv=None) -> int:
         o = stat("lavis_ext Blip2OPTExt.generate", [batch / t for t in seconds["ours"]])
         p = stat("transformers Blip2ForConditionalGeneration.generate", [batch / t for t in seconds["peer"]])
         r = row(f"caption generation, {label}, max {MAX_NEW_TOKENS} new tokens (BLIP-2 OPT 256x4, CPU {args.threads} "
-                "threads)", "captions/s", o, p, target=1.0,
+                "threads)", "captions/s", o, p, target=1.2,
                 note=f"same captions: {same}; {new_tokens} new tokens; {runs} runs per side, alternating")
         ratio = r["ratio"]
-        r["note"] += "" if ratio >= 1.0 else NOISE_NOTE
+        r["note"] += NOISE_NOTE if r["verdict"] == "within noise" else ""
         rows.append(r)
-        print(f"{label:18s} ours {o['median']:8.2f}  peer {p['median']:8.2f} captions/s  ratio {ratio:.3f}  same={same}",
+        print(f"{label:18s} ours {o['median']:8.2f}  peer {p['median']:8.2f} captions/s  ratio {ratio:.3f} "
+              f"({r['verdict']})  same={same}",
               flush=True)
     write_json(args.json, "generation", rows, argv)
     return 0

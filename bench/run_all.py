@@ -38,7 +38,7 @@ BUDGETS = {
     "data_pipeline": 2.0,
     "training_step": 3.0,
     "generation": 3.0,
-    "caption_scoring": 2.5,
+    "caption_scoring": 4.0,
     "strategies": 2.5,
     "ddp_scaling": 2.5,
     "checkpoint_io": 0.5,
