@@ -1,26 +1,35 @@
-# make demo : set up the venv, build the synthetic dataset, train a tiny BLIP-2 OPT, evaluate, print metrics
-# make test : set up the venv, run the default test suite (offline, CPU, < 10 min)
+# make demo : set up the venv (core package only), build the synthetic dataset, train a tiny BLIP-2 OPT, evaluate,
+#             print metrics
+# make test : set up the venv with every extra, run the default test suite (offline, CPU, < 10 min)
 # make bench: run every bench/*.py (quick sizes, < 20 min on 2 cores), print a table, regenerate BENCHMARKS.md
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+CORE_STAMP := $(VENV)/.lavis-ext-core
 STAMP  := $(VENV)/.lavis-ext-installed
 DATA   ?= data/synthetic
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup browser demo test test-slow data bench clean
+.PHONY: setup setup-core browser demo test test-slow data bench clean
 
+# Two stamps: the demo (training, evaluation, data) needs the core package alone; the tests, benchmarks and
+# serving/export also need the extras. Both re-run when the dependency list changes; torch/torchvision come
+# from pip's configured local wheels.
+setup-core: $(CORE_STAMP)
 setup: $(STAMP)
 
-# Re-run when the dependency list changes; torch/torchvision come from pip's configured local wheels.
-$(STAMP): pyproject.toml constraints.txt
+$(CORE_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,export,serve,video]"
+	$(PY) -m pip install -q -c constraints.txt -e .
 	$(PY) -m pip install -q --no-deps salesforce-lavis==1.0.2
+	touch $@
+
+$(STAMP): $(CORE_STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,export,serve,video]"
 	$(PY) -m pip install -q --no-deps -c constraints.txt img2dataset  # see the dev extra in pyproject.toml
 	touch $@
 
-data: setup
+data: setup-core
 	$(PY) -m lavis_ext.datasets.synthetic --out $(DATA)
 
 demo: data
@@ -41,7 +50,7 @@ test: setup browser
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-bench: data
+bench: setup data  # the serving benchmark needs the serve extra
 	$(PY) bench/run_all.py
 
 clean:
