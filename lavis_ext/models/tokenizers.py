@@ -324,7 +324,12 @@ def load_opt_tokenizer(source: str, fast: bool = True):
     (4.4 ms per batch of 16 captions against 1.2 ms for the Rust one, ~6% of the tiny OPT step). The fast one
     is converted from the same files on load; it is used only when it gives the slow one's ids on
     :data:`OPT_PROBES` with and without special tokens, otherwise the slow one is returned with a warning.
-    ``fast=False`` gives LAVIS's slow tokenizer."""
+    ``fast=False`` gives LAVIS's slow tokenizer.
+
+    Threads: like every Rust tokenizer (``T5TokenizerFast`` too), concurrent calls whose padding or truncation
+    settings differ can fail with ``RuntimeError: Already borrowed`` (the settings live on the shared Rust object);
+    calls with the same settings run concurrently fine. Our inference path tokenises prompts with one setting
+    (left padding, no truncation); a server that mixes settings across threads needs one tokenizer per thread."""
     from transformers import AutoTokenizer
 
     slow = AutoTokenizer.from_pretrained(source, use_fast=False)
