@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, fmt, validate, verdict_text  # noqa: E402
+from common import REPO, fmt, validate, verdict, verdict_text  # noqa: E402
 
 BENCH_DIR = REPO / "bench"
 NOT_BENCHES = {"common.py", "run_all.py", "gpu_step.py"}  # gpu_step runs only from bench/gpu.sh on a GPU
@@ -236,10 +236,20 @@ def table_rows(results: list[dict]) -> list[list[str]]:
     return lines
 
 
+def rejudge(payload: dict | None) -> dict | None:
+    """Every row's verdict recomputed from its figures by :func:`common.verdict`, so a results file written by an
+    older bench (which called a ratio above its target "met" whatever its ranges) is judged by today's rule."""
+    for r in (payload or {}).get("rows", []):
+        r["verdict"] = verdict(r["ours"], r["peer"], r["higher_is_better"], r["ratio"], r["target"])
+        r["met"] = None if r["verdict"] is None else r["verdict"] == "met"
+    return payload
+
+
 def render_markdown(results: list[dict], info: dict, gpu: dict | None, date: str, load: tuple | None = None,
                     quick: bool = True, seconds: float | None = None, demo: dict | None = None) -> str:
     """The whole BENCHMARKS.md text from bench payloads (see bench/common.py for the row schema) and the demo
     figures (:func:`demo_figures`; None: none looked for)."""
+    results, gpu = [rejudge(r) for r in results], rejudge(gpu)
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     out = ["# Benchmarks", "", PREAMBLE, "",
            f"Machine: {info['cpu']}, {info['cores']} CPU cores, {info['memory']}, no GPU; {info['os']}; "

@@ -148,6 +148,16 @@ def test_noisy_rows_are_reported_as_within_noise_not_met(tmp_path):
     assert "noisy, speed of W: median 1.09x against a target of 1x, within noise" in text.split("## Targets missed and why")[1]
 
 
+def test_saved_rows_are_judged_again_by_todays_rule():
+    """A results file written before verdicts existed said "met" for a median above the target alone."""
+    old = common.write_json(None, "old", [common.row("speed", "x/s", common.stat("o", [11.0, 13.0]),
+                                                      common.stat("p", [10.0, 12.0]), target=1.0)], ["--quick"])
+    old["rows"][0].pop("verdict")
+    old["rows"][0]["met"] = True
+    text = run_all.render_markdown([old], INFO, None, "d")
+    assert ">= 1x: within noise" in text and ">= 1x: met" not in text
+
+
 def test_demo_figures_come_from_the_newest_demo_run(tmp_path):
     assert "no finished `make demo` run" in run_all.demo_figures(tmp_path / "none")["missing"]
     older, newer = tmp_path / "20261101000000", tmp_path / "20261202000000"
