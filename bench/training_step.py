@@ -16,7 +16,7 @@ choice would differ:
   ``BaseTask._train_inner_loop`` + ``BaseTask.train_step`` (``MetricLogger``, ``loss.item()`` every step) on a stock
   ``CaptionTask`` (the "compat shims" = ``import lavis_ext`` first, nothing else changed), with LAVIS's slow OPT
   tokenizer (``use_fast=False``) and the AdamW of LAVIS's ``RunnerBase.optimizer`` (torch's per-tensor loop on a CPU).
-- with ``--ablate``, a third side: ours with the two levers off (``run.optimizer_impl: for_loop``, the slow OPT
+- a third side (``--no-ablate`` skips it): ours with the two levers off (``run.optimizer_impl: for_loop``, the slow OPT
   tokenizer), so each row also says what the levers bring in the same interleaved run.
 
 Same batches on both sides (batch 16, 64 px random images, synthetic captions; OPT trains captions, T5 trains
@@ -26,7 +26,7 @@ fp32 on CPU, 1 torch thread by default (``--threads``). Samples/s = batch x step
 sides. The first-step losses of both sides are compared (they must agree: the same computation).
 Target (issue 18): ours >= 1.2x LAVIS stock, "met" only when the min-max ranges separate (bench/common.verdict).
 
-Usage: python bench/training_step.py [--quick] [--runs N] [--json OUT] [--steps N] [--batch 16] [--ablate]
+Usage: python bench/training_step.py [--quick] [--runs N] [--json OUT] [--steps N] [--batch 16] [--no-ablate]
 """
 from __future__ import annotations
 
@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared machine 2 threads thrash; both sides alike)")
     parser.add_argument("--arch", default="blip2_opt_ext,blip2_t5_ext", help="comma-separated: blip2_opt_ext, blip2_t5_ext")
-    parser.add_argument("--ablate", action="store_true",
-                        help="also time ours with the levers off (for_loop AdamW, slow OPT tokenizer) in the same runs")
+    parser.add_argument("--no-ablate", dest="ablate", action="store_false",
+                        help="skip the third side (ours with the levers off: for_loop AdamW, slow OPT tokenizer), "
+                             "which is timed in the same runs by default so BENCHMARKS.md says what the levers bring")
     args = parser.parse_args(argv)
     runs = resolve_runs(args)
     steps = args.steps or 20
