@@ -132,6 +132,24 @@ def loop_runner(model, task, loop, steps: int, data: list[dict], optimizer):
     return run
 
 
+def model_share(models: dict, sample, reps: int = 5) -> dict[str, float]:
+    """CPU ms of the model's forward + backward alone (no loop, optimizer or scheduler), median of ``reps``
+    alternating calls per model: the part of a step the loop-side levers cannot touch."""
+    import time
+
+    from common import alternate, stat as stat_
+
+    def call(model):
+        def run():
+            start = time.process_time()
+            model(dict(sample))["loss"].backward()
+            model.zero_grad(set_to_none=True)
+            return time.process_time() - start
+        return run
+    out = alternate({name: call(model) for name, model in models.items()}, reps, warmup=1)
+    return {name: 1000 * stat_("", v)["median"] for name, v in out.items()}
+
+
 def first_losses(models: dict, sample) -> dict[str, float]:
     """Each model's loss on ``sample`` in eval mode (no dropout): equal losses = the same computation."""
     import torch
@@ -204,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
                 + ("" if same else " (DIFFERENT: the comparison is not like for like)")
                 + "; ours: fused AdamW" + (", fast OPT tokenizer" if arch == "blip2_opt_ext" else "")
                 + "; the LLM classes differ too (current Hugging Face OPT/T5 vs LAVIS's vendored 2022 copies)")
+        share = model_share({"ours": ours, "peer": peer}, data[0])
+        step_ms = {k: 1000 * args.batch / stat("", v)["median"] for k, v in cpu_rate.items()}
+        note += (f"; per step, CPU: the model's forward + backward alone (tokenising included) {share['ours']:.1f} ms "
+                 f"ours / {share['peer']:.1f} ms stock, of a step of {step_ms['ours']:.1f} / {step_ms['peer']:.1f} ms: "
+                 f"with the model's compute equal, even a free loop and optimizer would give "
+                 f"{step_ms['peer'] / share['ours']:.2f}x; more needs a faster model step")
         ours_stat = stat(f"{arch} + lavis_ext task loop", rate["ours"])
         peer_stat = stat(f"LAVIS {'Blip2OPT' if 'opt' in arch else 'Blip2T5'}.forward + BaseTask loop", rate["peer"])
         what = f"training step, tiny BLIP-2 {name}, batch {args.batch}: samples/s"
