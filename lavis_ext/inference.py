@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lavis_ext  # noqa: F401  (shims + registration)
 from lavis_ext.images import to_rgb8
+from lavis_ext.models.llm_specs import spec_for_arch
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +329,8 @@ def _question_prompt(config) -> str:
     run_prompt = (config.get("run") or {}).get("prompt")
     if run_prompt and "{}" in str(run_prompt):
         return str(run_prompt)
-    return "Question: {} Short answer:" if "t5" in str(config.model.arch) else "Question: {} Answer:"
+    spec = spec_for_arch(config.model.arch)
+    return spec.vqa_prompt if spec is not None else "{}"
 
 
 def _is_vqa(config) -> bool:

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
 HALF = (torch.float16, torch.bfloat16)
-_warned_t5_fp16: list = []  # warn once per process
+_warned_fp16: set = set()  # families warned about, once per process
 
 
 def parse_dtype(name, key: str) -> torch.dtype:
@@ -46,8 +46,8 @@ def resolve_amp_dtype(run_cfg, device: torch.device, model=None) -> torch.dtype 
 
     On a CPU only bf16 autocasts (a recipe's ``amp: true, amp_dtype: bf16`` runs as it would on a GPU, e.g. when
     a recipe is checked on a laptop); fp16 autocast is not a CPU training path, so ``fp16`` runs fp32 there.
-    Flan-T5 is never autocast to fp16: its activations overflow there (transformers#23918; the paper
-    and LAVIS run it in bf16), so fp16 is replaced by bf16 for T5 models, with a warning.
+    A family that overflows in fp16 (``LLMSpec.never_fp16``: Flan-T5, transformers#23918; the paper and LAVIS
+    run it in bf16) is autocast in bf16 instead, with a warning.
     """
     if not run_cfg.get("amp", False):
         return None
@@ -56,13 +56,13 @@ def resolve_amp_dtype(run_cfg, device: torch.device, model=None) -> torch.dtype 
         return None
     if device.type == "cpu":
         return dtype if dtype == torch.bfloat16 else None
-    from lavis_ext.models.strategies import llm_of  # models import this module: resolved at call time
+    from lavis_ext.models.llm_specs import spec_of  # the models import this module: resolved at call time
 
-    core = getattr(model, "module", model)
-    if dtype == torch.float16 and core is not None and llm_of(core)[0] == "t5":
-        if not _warned_t5_fp16:
-            logger.warning("run.amp_dtype fp16 overflows Flan-T5; autocasting in bf16 instead")
-            _warned_t5_fp16.append(True)
+    spec = spec_of(model) if model is not None else None
+    if dtype == torch.float16 and spec is not None and spec.never_fp16:
+        if spec.family not in _warned_fp16:
+            logger.warning("run.amp_dtype fp16 overflows %s; autocasting in bf16 instead", spec.family)
+            _warned_fp16.add(spec.family)
         dtype = torch.bfloat16
     return dtype
 

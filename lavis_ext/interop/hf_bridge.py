@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lavis_ext.models.llm_specs import SPECS, spec_of
 from lavis_ext.precision import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -182,10 +183,10 @@ def mapping_table_markdown() -> str:
 
 # ---- config translation ------------------------------------------------------------------------
 def llm_kind(model: nn.Module) -> str:
-    """'opt' or 't5' for our BLIP-2 models; ValueError for anything else."""
-    for kind in ("opt", "t5"):
-        if hasattr(model, f"{kind}_model") and hasattr(model, f"{kind}_proj"):
-            return kind
+    """The LLM family ('opt', 't5') of our BLIP-2 models; ValueError for anything else."""
+    spec = spec_of(model)
+    if spec is not None and hasattr(model, f"{spec.family}_proj"):
+        return spec.family
     raise ValueError(f"{type(model).__name__} is not a BLIP-2 OPT/Flan-T5 model (blip2_opt_ext / blip2_t5_ext)")
 
 
@@ -262,13 +263,13 @@ def model_config_for(hf_config, llm_dir: str, qformer_tokenizer: str, image_size
         raise ValueError("this checkpoint's Q-Former reads text (use_qformer_text_input): not a BLIP-2 OPT/Flan-T5 model")
     if vision.hidden_act != "gelu" or not vision.qkv_bias:
         raise ValueError(f"vision tower with hidden_act={vision.hidden_act!r}, qkv_bias={vision.qkv_bias} is not LAVIS's EVA ViT")
-    kind = "opt" if text.model_type == "opt" else "t5" if text.model_type == "t5" else None
+    kind = text.model_type if text.model_type in SPECS else None
     if kind is None:
         raise ValueError(f"text_config.model_type {text.model_type!r} is not supported; BLIP-2 OPT and Flan-T5 are")
     # LAVIS's ViT computes int(width * mlp_ratio); half a unit up makes that the exact intermediate size.
     mlp_ratio = (vision.intermediate_size + 0.5) / vision.hidden_size
     return {
-        "arch": f"blip2_{kind}_ext",
+        "arch": SPECS[kind].arch,
         "load_finetuned": False,
         "load_pretrained": True,
         "pretrained": None,  # set by the caller to the image-side checkpoint
@@ -415,7 +416,7 @@ def to_hf(model: nn.Module, image_size: int | None = None):
     kind = llm_kind(model)
     config = hf_config_for(model)
     tokenizer = copy.deepcopy(getattr(model, f"{kind}_tokenizer"))
-    tokenizer.padding_side = "left" if kind == "opt" else "right"  # as our generate pads
+    tokenizer.padding_side = SPECS[kind].generate_padding_side  # as our generate pads
     tokenizer.init_kwargs["padding_side"] = tokenizer.padding_side  # what save_pretrained records
     processor = Blip2Processor(_image_processor(image_size or config.vision_config.image_size), tokenizer,
                                num_query_tokens=config.num_query_tokens)

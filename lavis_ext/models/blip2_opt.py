@@ -18,7 +18,8 @@ from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
 from lavis_ext.models.answers import expand_answers, weighted_sequence_loss
 from lavis_ext.models.generation import Blip2GenerationMixin
-from lavis_ext.models.components import Blip2ComponentsMixin, build_llm, env_path, vision_kwargs, resolve_dtype
+from lavis_ext.models.components import Blip2ComponentsMixin, env_path, vision_kwargs
+from lavis_ext.models.llm_specs import OPT
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 from lavis_ext.models.strategies import finish_from_config
 
@@ -48,7 +49,7 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         opt_tokenizer=None,
         opt_config=None,
         freeze_llm=True,
-        llm_precision="fp16",
+        llm_precision=None,  # the family default (LLMSpec.default_storage: fp16)
         cross_attention_freq=2,
         components=None,
         qformer_text_input=False,
@@ -62,9 +63,8 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
             num_query_token, cross_attention_freq, qformer_text_input,
         )
 
-        self.opt_tokenizer, self.opt_model = build_llm(
-            "opt", env_path(opt_model), env_path(opt_tokenizer), opt_config,
-            resolve_dtype(llm_precision, torch.float16, "model.llm_precision"),
+        self.opt_tokenizer, self.opt_model = OPT.build(
+            env_path(opt_model), env_path(opt_tokenizer), opt_config, OPT.storage_dtype(llm_precision)
         )
         if freeze_llm:
             for param in self.opt_model.parameters():
@@ -154,9 +154,10 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
     def generate_from_llm_inputs(self, inputs_opt, atts_opt, prompts, **generate_kwargs):
         """Decode from the image prefix (``encode_image_for_llm``, or an exported image encoder's output)
         followed by each prompt; Hugging Face ``generate`` keyword arguments pass through."""
-        opt_tokens = self.opt_tokenizer(list(prompts), return_tensors="pt", padding="longest", padding_side="left").to(
-            inputs_opt.device
-        )  # the side as an argument: the tokenizer is shared by concurrent serving threads
+        # the side as an argument, not a tokenizer attribute: the tokenizer is shared by concurrent serving threads
+        opt_tokens = self.opt_tokenizer(
+            list(prompts), return_tensors="pt", padding="longest", padding_side=OPT.generate_padding_side
+        ).to(inputs_opt.device)
         attention_mask = torch.cat([atts_opt, opt_tokens.attention_mask], dim=1)
         with self.maybe_autocast(block=self.opt_model):
             inputs_embeds = self._prefixed_embeds(inputs_opt, opt_tokens.input_ids)
@@ -180,7 +181,7 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
             opt_tokenizer=cfg.get("opt_tokenizer"),
             opt_config=cfg.get("opt_config"),
             freeze_llm=cfg.get("freeze_llm", True),
-            llm_precision=cfg.get("llm_precision", "fp16"),
+            llm_precision=cfg.get("llm_precision"),
             qformer_text_input=cfg.get("qformer_text_input", False),
         )
         return finish_from_config(model, cfg)

@@ -9,8 +9,6 @@ Our ``__init__`` builds the same attributes with the hooks in :mod:`lavis_ext.mo
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn as nn
 from lavis.common.registry import registry
@@ -19,11 +17,11 @@ from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_ext.models.answers import expand_answers, weighted_sequence_loss
 from lavis_ext.models.generation import Blip2GenerationMixin
-from lavis_ext.models.components import Blip2ComponentsMixin, build_llm, env_path, vision_kwargs, resolve_dtype
+from lavis_ext.models.components import Blip2ComponentsMixin, env_path, vision_kwargs
+from lavis_ext.models.llm_specs import T5
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 from lavis_ext.models.strategies import finish_from_config
 
-logger = logging.getLogger(__name__)
 
 
 @registry.register_model("blip2_t5_ext")
@@ -52,7 +50,7 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
         t5_tokenizer=None,
         t5_config=None,
         freeze_llm=True,
-        llm_precision="bf16",
+        llm_precision=None,  # the family default (LLMSpec.default_storage: bf16)
         cross_attention_freq=2,
         components=None,
         qformer_text_input=False,
@@ -66,13 +64,8 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
             num_query_token, cross_attention_freq, qformer_text_input,
         )
 
-        # T5 overflows in fp16 (transformers#23918): the paper and LAVIS keep it in bf16 (fp32 on CPU).
-        if llm_precision == "fp16":
-            logger.warning("llm_precision fp16 overflows Flan-T5; storing it in bf16 instead")
-            llm_precision = "bf16"
-        self.t5_tokenizer, self.t5_model = build_llm(
-            "t5", env_path(t5_model), env_path(t5_tokenizer), t5_config,
-            resolve_dtype(llm_precision, torch.bfloat16, "model.llm_precision"),
+        self.t5_tokenizer, self.t5_model = T5.build(
+            env_path(t5_model), env_path(t5_tokenizer), t5_config, T5.storage_dtype(llm_precision)
         )
         if freeze_llm:
             for param in self.t5_model.parameters():
@@ -157,7 +150,7 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
             t5_tokenizer=cfg.get("t5_tokenizer"),
             t5_config=cfg.get("t5_config"),
             freeze_llm=cfg.get("freeze_llm", True),
-            llm_precision=cfg.get("llm_precision", "bf16"),
+            llm_precision=cfg.get("llm_precision"),
             qformer_text_input=cfg.get("qformer_text_input", False),
         )
         return finish_from_config(model, cfg)

@@ -9,7 +9,8 @@ mixin below overrides those hooks, which LAVIS calls through `self`, so the mode
 * ``vit_model``: ``eva_clip_g`` / ``clip_L`` (LAVIS's builders and URLs), or ``tiny`` with
   ``vit_config: {...}`` (LAVIS's own EVA VisionTransformer class at a small size);
 * ``vit_depth``: ``eva_clip_g`` with fewer blocks (:func:`eva_depth`; reduced-depth checks at real width);
-* the LLM (``opt_model`` / ``t5_model`` or ``*_config``) is built by :func:`build_llm`;
+* the LLM (``opt_model`` / ``t5_model`` or ``*_config``) is built by its family's spec
+  (:mod:`lavis_ext.models.llm_specs`);
 * ``pretrained`` / ``finetuned``: our ``.safetensors`` checkpoints, or LAVIS's ``.pth`` releases (URL or
   path) read with ``torch.load(weights_only=True)`` and reported key by key (:meth:`Blip2ComponentsMixin.load_release`).
 
@@ -27,7 +28,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from lavis_ext.precision import block_autocast, parse_dtype
+from lavis_ext.precision import block_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,6 @@ def _plain(cfg: Any) -> dict:
     except ImportError:  # pragma: no cover
         pass
     return dict(cfg)
-
-
-def resolve_dtype(name: str | None, default: torch.dtype, key: str = "model precision") -> torch.dtype:
-    """A storage-precision config value (``vit_precision``, ``llm_precision``) -> torch dtype; None -> ``default``."""
-    return default if name is None else parse_dtype(name, key)
 
 
 class Blip2ComponentsMixin:
@@ -325,70 +321,6 @@ class Blip2ComponentsMixin:
         module.train = disabled_train  # LAVIS's convention: frozen towers stay in eval mode
         logger.info("froze %s", name)
         return module
-
-
-# OPT attends through torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on a GPU),
-# said explicitly so a transformers default change cannot silently fall back to eager. Hugging Face's T5 has no
-# SDPA path (its relative position bias), so T5 keeps transformers' default.
-OPT_ATTENTION = "sdpa"
-
-
-def build_llm(kind: str, source: str | None, tokenizer_source: str | None, inline: Mapping | None, dtype: torch.dtype):
-    """Return (tokenizer, model) for kind 'opt' or 't5'.
-
-    ``source`` (hub name or local dir) loads real weights exactly as LAVIS does; with no source a
-    randomly initialised model is built from ``inline`` config sized to the tokenizer. In a meta build
-    (:mod:`lavis_ext.models.meta`) ``source`` gives only the config (a hub name: its offline facts) and
-    no weights are read; a hub tokenizer is the vocabulary-size stand-in.
-    """
-    import transformers
-
-    from lavis_ext.models import meta
-
-    on_meta = meta.meta_build_active()
-    tok_source = tokenizer_source or source
-    if not tok_source:
-        raise ValueError(f"{kind}: set {kind}_model (weights) or {kind}_tokenizer (with {kind}_config)")
-    if kind == "opt":
-        from lavis_ext.models.tokenizers import load_opt_tokenizer as load_tokenizer  # fast when its ids are the slow one's
-
-        tokenizer = meta.tokenizer_for(tok_source, load_tokenizer) if on_meta else load_tokenizer(tok_source)
-        if source and on_meta:
-            model = transformers.OPTForCausalLM(meta.llm_config(transformers.OPTConfig, source)).to(dtype)
-        elif source:
-            model = transformers.OPTForCausalLM.from_pretrained(source, torch_dtype=dtype, attn_implementation=OPT_ATTENTION)
-        else:
-            config = transformers.OPTConfig(
-                vocab_size=len(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                attn_implementation=OPT_ATTENTION,
-                **_plain(inline),
-            )
-            model = transformers.OPTForCausalLM(config).to(dtype)
-    elif kind == "t5":
-        load_tokenizer = transformers.T5TokenizerFast.from_pretrained
-        tokenizer = meta.tokenizer_for(tok_source, load_tokenizer) if on_meta else load_tokenizer(tok_source)
-        if source:
-            config = meta.llm_config(transformers.T5Config, source) if on_meta else transformers.T5Config.from_pretrained(source)
-            config.dense_act_fn = "gelu"  # as LAVIS's Blip2T5 does, so its checkpoints behave the same
-            if on_meta:
-                model = transformers.T5ForConditionalGeneration(config).to(dtype)
-            else:
-                model = transformers.T5ForConditionalGeneration.from_pretrained(source, config=config, torch_dtype=dtype)
-        else:
-            config = transformers.T5Config(
-                vocab_size=len(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-                **_plain(inline),
-            )
-            model = transformers.T5ForConditionalGeneration(config).to(dtype)
-    else:  # pragma: no cover - internal
-        raise ValueError(f"unknown LLM kind {kind!r}")
-    return tokenizer, model
 
 
 def vision_kwargs(cfg) -> dict:

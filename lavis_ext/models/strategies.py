@@ -23,27 +23,20 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from lavis_ext.models.llm_specs import SPECS, spec_of
 from lavis_ext.precision import HALF
 
 logger = logging.getLogger(__name__)
 
 #: target modules per family: the attention projections (peft's and the LoRA paper's default set).
-LORA_PRESETS = {
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "t5": ["q", "k", "v", "o"],
-    "qformer": ["query", "value"],
-}
+LORA_PRESETS = {"qformer": ["query", "value"], **{f: list(s.lora_targets) for f, s in SPECS.items()}}
 LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "bias": "none", "target_modules": None}
-LLM_ATTRS = {"opt": "opt_model", "t5": "t5_model"}
 
 
 def llm_of(model: nn.Module) -> tuple[str | None, nn.Module | None]:
     """(family, module) of the model's language model; (None, None) for the stage-1 Q-Former."""
-    for family, attr in LLM_ATTRS.items():
-        module = getattr(model, attr, None)
-        if isinstance(module, nn.Module):
-            return family, module
-    return None, None
+    spec = spec_of(model)
+    return (None, None) if spec is None else (spec.family, getattr(getattr(model, "module", model), spec.attr))
 
 
 def lora_config(spec: Mapping[str, Any] | None, preset: str):

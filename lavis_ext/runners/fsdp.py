@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from lavis_ext.models.llm_specs import spec_of
 from lavis_ext.precision import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -37,12 +38,9 @@ def enabled(run_cfg) -> bool:
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks that become their own FSDP units: LLM layers, ViT blocks, Q-Former layers."""
     blocks: list[nn.Module] = []
-    llm = getattr(model, "opt_model", None) or getattr(model, "t5_model", None)
-    if llm is not None:
-        if hasattr(llm, "model") and hasattr(llm.model, "decoder"):  # OPT
-            blocks += list(llm.model.decoder.layers)
-        else:  # T5
-            blocks += list(llm.encoder.block) + list(llm.decoder.block)
+    spec = spec_of(model)
+    if spec is not None:
+        blocks += spec.blocks(getattr(model, spec.attr))
     vit = getattr(model, "visual_encoder", None)
     if vit is not None and hasattr(vit, "blocks"):
         blocks += list(vit.blocks)

@@ -12,7 +12,7 @@ from lavis.common.optims import LinearWarmupCosineLRScheduler
 from omegaconf import OmegaConf
 from tiny_models import SometimesNaN
 
-from lavis_ext.models.components import build_llm
+from lavis_ext.models.llm_specs import OPT
 from lavis_ext.tasks.captioning import CaptionTaskExt
 
 
@@ -90,5 +90,5 @@ def test_opt_is_built_with_sdpa_attention(tmp_path):
         {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
     inline = {"hidden_size": 16, "ffn_dim": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
               "word_embed_proj_dim": 16, "max_position_embeddings": 32}
-    _, model = build_llm("opt", None, str(tmp_path), inline, torch.float32)
+    _, model = OPT.build(None, str(tmp_path), inline, torch.float32)
     assert model.config._attn_implementation == "sdpa"
