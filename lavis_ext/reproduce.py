@@ -193,10 +193,11 @@ def run_all(out: Path, size: str, seeds, ablations, jobs: int, threads: int) -> 
                 needed.append(dep)
             source = dep.init_from
     sources = {arm.init_from for arm in ARMS}
-    # the chain first (stage 1 -> stage 2 -> VQA), so the arms waiting on it start as early as they can
+    # seed by seed, so that a run cut short still has every arm for its first seeds; within a seed the chain
+    # first (stage 1 -> stage 2 -> VQA), so the arms waiting on it start as early as they can
     order = sorted((a for a in ARMS if a in needed),
                    key=lambda a: 0 if (a.ablation, a.name) in sources else 1 if a.init_from else 2)
-    tasks = [(arm, seed) for arm in order for seed in seeds]
+    tasks = [(arm, seed) for seed in seeds for arm in order]
     finished, failed, failures = set(), set(), []
     in_process = jobs == 1
     import torch
