@@ -92,7 +92,8 @@ def main(argv=None):
     parser.add_argument("--mparams", type=float, default=25.0)
     args = parser.parse_args(argv)
     runs = resolve_runs(args)
-    import lavis_ext  # noqa: F401
+    import lavis_ext
+    lavis_ext.register()
 
     models = {}
     tiny = tiny_blip2()

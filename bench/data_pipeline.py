@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     root = require_data()
     import torch
 
-    import lavis_ext  # noqa: F401  (compat shims before LAVIS's dataset module)
+    import lavis_ext
+    lavis_ext.register()  # compat shims before LAVIS's dataset module
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # what a DataLoader worker runs with (torch sets 1 thread in each worker)

@@ -41,7 +41,8 @@ NOISE_NOTE = ("; both sides run transformers' generate loop on the same weights 
 
 
 def build(seed: int = 0):
-    import lavis_ext  # noqa: F401  (the compat shims must run before anything from LAVIS)
+    import lavis_ext
+    lavis_ext.register()  # the compat shims must run before anything from LAVIS
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 

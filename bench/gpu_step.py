@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.WARNING)
     import torch
 
-    import lavis_ext  # noqa: F401
+    import lavis_ext
+    lavis_ext.register()
 
     device = torch.device(args.device)
     gpu, peak = gpu_peak(device)

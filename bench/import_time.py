@@ -1,4 +1,4 @@
-"""Import cost of `import lavis_ext` against `import lavis` itself, each in fresh interpreters.
+"""Import cost of `import lavis_ext; lavis_ext.register()` (what every entry point runs) against `import lavis` itself, each in fresh interpreters.
 
 Stock `import lavis` fails on this stack (moved transformers helpers), so the peer applies only that
 one shim and then imports LAVIS. The two sides alternate run by run (AB, BA, ...: bench/common.alternate), so a
@@ -25,7 +25,7 @@ PEER = (
     "import lavis\n"
     "print(time.perf_counter() - t)\n"
 )
-OURS = "import time; t = time.perf_counter()\nimport lavis_ext\nprint(time.perf_counter() - t)\n"
+OURS = "import time; t = time.perf_counter()\nimport lavis_ext\nlavis_ext.register()\nprint(time.perf_counter() - t)\n"
 
 
 def measure(code: str) -> float:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__), runs=5, quick_runs=3)
     args = parser.parse_args(argv)
     runs = resolve_runs(args)
-    sides = {"import lavis (+ transformers shim)": PEER, "import lavis_ext": OURS}
+    sides = {"import lavis (+ transformers shim)": PEER, "import lavis_ext + register()": OURS}
     # one untimed import of each warms the file cache for both
     results = alternate({name: (lambda code=code: measure(code)) for name, code in sides.items()}, runs, warmup=1)
     for name, t in results.items():

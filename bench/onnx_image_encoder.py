@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     runs = resolve_runs(args)
     torch.set_num_threads(args.threads)
 
-    import lavis_ext  # noqa: F401  (the compat shims must run before anything from LAVIS)
+    import lavis_ext
+    lavis_ext.register()  # the compat shims must run before anything from LAVIS
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 

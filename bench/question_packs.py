@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     require_data()
     import torch
 
-    import lavis_ext  # noqa: F401
+    import lavis_ext
+    lavis_ext.register()
     from lavis_ext.apps.question_packs import load_pack
 
     torch.set_num_threads(max(1, args.threads))

@@ -46,6 +46,8 @@ CHILD = r"""
 import json, os, resource, statistics, sys, time
 import torch
 import lavis_ext
+
+lavis_ext.register()
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
 

@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.WARNING)
     import torch
 
-    import lavis_ext  # noqa: F401  (compat shims first, then registration)
+    import lavis_ext
+    lavis_ext.register()  # compat shims first, then registration
     from lavis.tasks.base_task import BaseTask
     from lavis.tasks.captioning import CaptionTask
     from lavis_ext.tasks.base import TaskExtMixin

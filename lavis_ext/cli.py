@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import lavis_ext  # noqa: F401  (shims + registration before anything LAVIS is resolved)
+import lavis_ext
+
+lavis_ext.register()  # the entry point: shims + registration before anything LAVIS is resolved
 from lavis.common.dist_utils import get_rank, is_main_process
 
 from lavis_ext import dist as ext_dist
@@ -51,18 +53,25 @@ def parse_args(argv=None, description="lavis-ext", checkpoint=False):
 
 
 def load_config(args):
-    """Strict names check on the raw YAML, LAVIS's 3-level merge, then the strict keys check."""
+    """The project's ``custom_imports``, the strict names check on the raw YAML, LAVIS's 3-level merge, then
+    the strict keys check."""
     from omegaconf import OmegaConf
 
+    from lavis_ext import custom_imports
     from lavis_ext.config import check_keys, check_names, project_config
 
     cfg_path = Path(args.cfg_path)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} does not exist")
     raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(args.options or [])))
+    custom = raw.get(custom_imports.KEY)
+    custom_imports.import_custom_modules(custom, cfg_path.parent)  # before the names check: they register names
     check_names(raw)
     cfg = project_config(args)
     check_keys(cfg)
+    if custom:  # kept in the run's saved config, so a checkpoint loads with the same modules
+        cfg.config[custom_imports.KEY] = list(custom) if not isinstance(custom, str) else [custom]
+        cfg.config[custom_imports.DIR_KEY] = str(cfg_path.parent.resolve())
     return cfg
 
 

@@ -2,7 +2,7 @@
 
 Each shim names the exact error it fixes and is covered by a test in ``tests/unit/test_compat.py``
 that fails without it. Everything else LAVIS gets wrong is fixed by subclassing (models, tasks,
-runner), never here. ``apply()`` must run before the first ``import lavis``; ``lavis_ext/__init__``
+runner), never here. ``apply()`` must run before the first ``import lavis``; ``lavis_ext.register()``
 calls it first thing.
 """
 from __future__ import annotations

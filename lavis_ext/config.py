@@ -11,7 +11,10 @@ from __future__ import annotations
 import difflib
 from typing import Iterable
 
-from lavis.common.registry import registry
+from lavis_ext import compat
+
+compat.apply()  # LAVIS cannot be imported before its shims
+from lavis.common.registry import registry  # noqa: E402
 
 
 class ConfigError(ValueError):

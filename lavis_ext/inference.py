@@ -24,7 +24,12 @@ from typing import Iterable, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import lavis_ext  # noqa: F401  (shims + registration)
+import lavis_ext
+
+lavis_ext.register()  # an entry point of its own (server, apps, scripts): shims + registration
+from lavis_ext.custom_imports import DIR_KEY as CUSTOM_DIR_KEY
+from lavis_ext.custom_imports import KEY as CUSTOM_KEY
+from lavis_ext.custom_imports import import_custom_modules
 from lavis_ext.images import to_rgb8
 from lavis_ext.models.llm_specs import spec_for_arch
 
@@ -268,10 +273,15 @@ def load(source: str | Path | None = None, *, cfg_path: str | Path | None = None
     else:
         config = project_file_config(cfg_path, options)
         described = str(cfg_path)
+    project_dir = config.get(CUSTOM_DIR_KEY) or (Path(cfg_path).parent if cfg_path is not None else None)
+    import_custom_modules(config.get(CUSTOM_KEY), *([project_dir] if project_dir else []))
     model_cfg = OmegaConf.merge(config.model, {"load_finetuned": False})
     model_cls = registry.get_model_class(model_cfg.arch)
     if model_cls is None:
-        raise ValueError(f"model arch {model_cfg.arch!r} is not registered; is lavis_ext imported?")
+        raise ValueError(
+            f"model arch {model_cfg.arch!r} is not registered; list the module that registers it under "
+            "custom_imports in the project YAML"
+        )
     model = model_cls.from_config(model_cfg)
     if checkpoint is not None:
         from lavis_ext.checkpoints import load_trainable

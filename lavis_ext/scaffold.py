@@ -2,7 +2,7 @@
 
 Adding a task is one module and one YAML (docs/adding_a_task.md); this writes both from the templates in
 ``lavis_ext/templates/task/``, plus a test that trains and evaluates the new project through train.py's
-path, and adds the one import line that registers the module on ``import lavis_ext``. The generated
+path, and adds the one import line that registers the module on ``lavis_ext.register()``. The generated
 files pass as written, so the first edit starts from something that runs.
 
 It refuses, before writing anything: a name that is not a lower-case Python identifier (the name is the
@@ -56,7 +56,9 @@ def check_task_name(name: str) -> None:
             f"task name {name!r} is not a lower-case Python identifier (letters, digits, '_', starting with a "
             "letter; not a keyword); it becomes the module and the registry key, e.g. 'caption_length'"
         )
-    import lavis_ext  # noqa: F401  (registers LAVIS's and our tasks)
+    import lavis_ext
+
+    lavis_ext.register()  # LAVIS's and our tasks
     from lavis.common.registry import registry
 
     tasks = registry.mapping["task_name_mapping"]

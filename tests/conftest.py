@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import lavis_ext  # noqa: F401  (shims + registration)
+import lavis_ext
+
+lavis_ext.register()  # shims + registration
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_SIZES = {"train": 128, "val": 32, "test": 32}

@@ -247,7 +247,8 @@ def write_releases(torch_home: Path, hf_home: Path, llm: str | None) -> list[Pat
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
-    import lavis_ext  # noqa: F401  (registration)
+    import lavis_ext
+    lavis_ext.register()  # registration
 
     files = [(name, arch, size, trained) for name, (arch, key, size, trained) in RELEASES.items() if key == llm]
     old = os.environ.get("TORCH_HOME")
@@ -662,7 +663,8 @@ def main(argv=None) -> int:
     run.add_argument("--report", required=True)
     args = parser.parse_args(argv)
     if args.command == "build":
-        import lavis_ext  # noqa: F401
+        import lavis_ext
+        lavis_ext.register()
 
         print(json.dumps(ReleaseArtifacts(args.root).ensure(args.llms).timings))
         return 0

@@ -4,5 +4,5 @@
 * :mod:`lavis_ext.apps.question_packs`: a set of questions about one image with the ViT run once
   (document, chart, medical packs shipped as data files), ``lavis-ext ask``.
 
-Optional: ``import lavis_ext`` never imports this package, and it imports nothing itself.
+Optional: ``lavis_ext.register()`` never imports this package, and it imports nothing itself.
 """

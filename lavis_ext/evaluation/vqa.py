@@ -76,6 +76,9 @@ class _InMemoryVQA:
 
 
 def _vqa_eval_class():
+    from lavis_ext import compat
+
+    compat.apply()  # importing anything under lavis imports the whole package, which needs the shims
     from lavis.common.vqa_tools.vqa_eval import VQAEval
 
     return VQAEval

@@ -2,5 +2,5 @@
 (:mod:`.hf_bridge`), ONNX (:mod:`.onnx_export`) and TensorRT (:mod:`.tensorrt_build`).
 
 Nothing is imported here: each submodule pulls in its own optional dependencies (onnx, onnxruntime,
-tensorrt) only when used, so ``import lavis_ext`` stays cheap.
+tensorrt) only when used, so ``lavis_ext.register()`` stays cheap.
 """

@@ -385,7 +385,9 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="with --recipes: write the recipe table here")
     parser.add_argument("--check", action="store_true", help="with --markdown: fail if the file is not current")
     args = parser.parse_args(argv)
-    import lavis_ext  # noqa: F401  (registration)
+    import lavis_ext
+
+    lavis_ext.register()
 
     if args.cfg_path:
         print(format_counts(count_parameters(build_project_on_meta(args.cfg_path, args.options))))

@@ -329,7 +329,8 @@ def _policy_build(name: str, on_bad_record: str | None, **build_info) -> dict:
 
 
 def test_a_truncated_image_is_skipped_and_counted_although_lavis_loads_truncated_images(data, caplog):
-    import lavis_ext  # noqa: F401  (imports LAVIS, which sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES = True)
+    import lavis_ext
+    lavis_ext.register()  # imports LAVIS, which sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES = True
     from PIL import ImageFile
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True

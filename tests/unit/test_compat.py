@@ -19,7 +19,7 @@ def test_stock_lavis_import_fails_without_the_transformers_shim():
 
 
 def test_lavis_imports_after_lavis_ext():
-    proc = run_python("import lavis_ext, lavis.models.blip2_models.Qformer, lavis.models.med; print('ok')")
+    proc = run_python("import lavis_ext; lavis_ext.register(); import lavis.models.blip2_models.Qformer, lavis.models.med; print('ok')")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
 
@@ -51,7 +51,7 @@ def test_cache_root_is_redirected_away_from_export():
 
 
 def test_cache_root_follows_env(tmp_path):
-    code = "import lavis_ext; from lavis.common.registry import registry; print(registry.get_path('cache_root'))"
+    code = "import lavis_ext; lavis_ext.register(); from lavis.common.registry import registry; print(registry.get_path('cache_root'))"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True, text=True, timeout=300, env={**os.environ, "LAVIS_EXT_CACHE": str(tmp_path)},

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import lavis_ext  # noqa: F401  (imports LAVIS, which sets ImageFile.LOAD_TRUNCATED_IMAGES = True)
+import lavis_ext
+
+lavis_ext.register()  # imports LAVIS, which sets ImageFile.LOAD_TRUNCATED_IMAGES = True
 from lavis_ext.images import decode_image, strict_decoding, to_rgb8
 
 

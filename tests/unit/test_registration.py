@@ -1,4 +1,5 @@
-"""`import lavis_ext` registers everything, imports nothing optional, and bad names fail loudly."""
+"""`lavis_ext.register()` registers everything and imports nothing optional, `import lavis_ext` alone nothing at
+all, and bad names fail loudly."""
 from __future__ import annotations
 
 import subprocess
@@ -37,15 +38,29 @@ def test_real_model_types_are_kept_with_tiny_added():
     assert cfg.opt_model == "facebook/opt-2.7b" and cfg.finetuned.startswith("https://")
 
 
-def test_import_pulls_in_nothing_optional():
-    code = (
-        "import sys, lavis_ext\n"
-        "bad = [m for m in ('fastapi','uvicorn','gradio','onnx','onnxruntime','langchain_core','tensorrt') if m in sys.modules]\n"
-        "print(bad)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def fresh_python(*lines: str) -> str:
+    """The last line a fresh interpreter prints after running ``lines``."""
+    proc = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[]"
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_register_pulls_in_nothing_optional():
+    assert fresh_python(
+        "import sys, lavis_ext",
+        "lavis_ext.register(); lavis_ext.register()  # idempotent",
+        "print([m for m in ('fastapi','uvicorn','gradio','onnx','onnxruntime','langchain_core','tensorrt') if m in sys.modules])",
+    ) == "[]"
+
+
+def test_metrics_and_the_batcher_import_without_lavis_or_torch():
+    """A scoring script or an HTTP front end needs neither LAVIS nor torch (nor their shims)."""
+    assert fresh_python(
+        "import sys, lavis_ext, lavis_ext.evaluation, lavis_ext.evaluation.cider, lavis_ext.serve.batching",
+        "loaded = [n for n in ('lavis', 'torch', 'transformers') if n in sys.modules]",
+        "import transformers.modeling_utils as m",
+        "print(loaded, hasattr(m, 'apply_chunking_to_forward'))",
+    ) == "[] False"  # no LAVIS, torch or transformers loaded; no shim applied
 
 
 def _project(**overrides):

@@ -92,7 +92,8 @@ def live(trained_caption_run):
 
 # ---- uploads (no server needed) ---------------------------------------------------------------------
 def test_validator_detects_truncation_even_though_lavis_sets_load_truncated_images():
-    import lavis_ext  # noqa: F401  (imports LAVIS, which sets ImageFile.LOAD_TRUNCATED_IMAGES = True)
+    import lavis_ext
+    lavis_ext.register()  # imports LAVIS, which sets ImageFile.LOAD_TRUNCATED_IMAGES = True
 
     data = png(Image.effect_noise((96, 96), 60).convert("RGB"))
     before = ImageFile.LOAD_TRUNCATED_IMAGES
