@@ -58,12 +58,12 @@ def load_config(args):
     from omegaconf import OmegaConf
 
     from lavis_ext import custom_imports
-    from lavis_ext.config import check_keys, check_names, project_config
+    from lavis_ext.config import check_keys, check_names, load_project_yaml, project_config
 
     cfg_path = Path(args.cfg_path)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} does not exist")
-    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(args.options or [])))
+    raw = OmegaConf.merge(load_project_yaml(cfg_path), OmegaConf.from_dotlist(list(args.options or [])))
     custom = raw.get(custom_imports.KEY)
     custom_imports.import_custom_modules(custom, cfg_path.parent)  # before the names check: they register names
     check_names(raw)

@@ -16,6 +16,8 @@ from lavis_ext import compat
 compat.apply()  # LAVIS cannot be imported before its shims
 from lavis.common.registry import registry  # noqa: E402
 
+from lavis_ext.project_files import load_project_yaml  # noqa: E402,F401  (re-exported: the one reader)
+
 
 class ConfigError(ValueError):
     """A project config names something that does not exist."""
@@ -61,20 +63,33 @@ DATASET_KEYS = {
 
 
 def project_config(args):
-    """LAVIS's `Config` (model defaults < project file < --options), with `--options model.model_type=X`
-    (or `model.arch=Y`) selecting X's default YAML. LAVIS looks the override up as the flat key
+    """LAVIS's `Config` (model defaults < project file < --options) of the project file with its `_base_`
+    chain merged (:func:`load_project_yaml`; LAVIS reads the file itself and would see only the child's
+    keys, so its three builders get the merged file instead), with `--options model.model_type=X` (or
+    `model.arch=Y`) selecting X's default YAML. LAVIS looks the override up as the flat key
     "model.model_type" in the nested options and never finds it, so it silently merged the project's
     own type's defaults under the override."""
     from lavis.common.config import Config
     from omegaconf import OmegaConf
 
+    project = load_project_yaml(args.cfg_path)
+
     class _Config(Config):
         @staticmethod
+        def build_runner_config(config):
+            return Config.build_runner_config(project)
+
+        @staticmethod
         def build_model_config(config, **kwargs):
+            config = project
             model_override = kwargs.get("model") or {}
             if model_override:
                 config = OmegaConf.merge(config, {"model": model_override})
             return Config.build_model_config(config)
+
+        @staticmethod
+        def build_dataset_config(config):
+            return Config.build_dataset_config(project)
 
     return _Config(args)
 

@@ -479,10 +479,10 @@ EXCEPTIONS = {
 
 def check_run(run: dict) -> None:
     """The assertions every release-shaped recipe run must pass (see :func:`run_recipe`)."""
-    from omegaconf import OmegaConf
+    from lavis_ext.project_files import load_project_yaml
 
     rel = run["recipe"]
-    model_cfg = OmegaConf.load(RECIPES / rel).model
+    model_cfg = load_project_yaml(RECIPES / rel).model
     report = run["report"]
     if model_cfg.get("load_pretrained", True) is False and not model_cfg.get("load_finetuned", False):
         assert report is None, f"{rel}: loads nothing by design, yet read {report and report['file']}"
@@ -497,7 +497,7 @@ def check_run(run: dict) -> None:
             assert each["loaded"] == each["tensors"] - len(unexpected) > 0
         if finetuned is False:
             assert len(run["reports"]) == 1, [r["file"] for r in run["reports"]]
-    recipe_run = OmegaConf.load(RECIPES / rel).run
+    recipe_run = load_project_yaml(RECIPES / rel).run
     if recipe_run.get("amp", False) and recipe_run.get("amp_dtype", "bf16") == "bf16":
         assert run["autocast"] == "torch.bfloat16", (rel, run["autocast"])  # bf16 recipes autocast on CPU too
     if run["evaluate"]:
@@ -540,9 +540,9 @@ def run_in_subprocess(artifacts: ReleaseArtifacts, recipes, out_dir: Path, timeo
 def recipe_options(rel: str, out_dir: str | os.PathLike) -> list[str]:
     """``--options`` for a release-shaped run: the depth, the output folder, CPU and a tiny data budget
     (two optimizer steps: two records at batch 1, or ten wds captions at batch 5); nothing else."""
-    from omegaconf import OmegaConf
+    from lavis_ext.project_files import load_project_yaml
 
-    raw = OmegaConf.load(RECIPES / rel)
+    raw = load_project_yaml(RECIPES / rel)
     # four captions (COCO files or shards) at batch 2 (stage 1's contrastive loss needs two samples a batch);
     # two VQA records at batch 1
     batch = 2 if {"json_caption", "wds_caption"} & set(raw.datasets) else 1
@@ -607,11 +607,11 @@ def run_recipe(rel: str, out_dir: Path) -> dict:
     their launch scripts call evaluate.py), then what it loaded, trained and generated."""
     import resource
 
-    from omegaconf import OmegaConf
+    from lavis_ext.project_files import load_project_yaml
 
     from lavis_ext import cli
 
-    raw = OmegaConf.load(RECIPES / rel)
+    raw = load_project_yaml(RECIPES / rel)
     argv = ["--cfg-path", str(RECIPES / rel), "--options", *recipe_options(rel, out_dir), *EXCEPTIONS.get(rel, [])]
     start = time.perf_counter()
     evaluate = bool(raw.run.get("evaluate", False))

@@ -336,19 +336,21 @@ def recipe_header(path: str | os.PathLike) -> dict:
 
 
 def recipe_files(root: str | os.PathLike) -> list[Path]:
-    return sorted(Path(root).rglob("*.yaml"))
+    """The recipes under ``root``: every YAML except the shared bases (a folder or file named ``_*``)."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*.yaml") if not any(part.startswith("_") for part in p.relative_to(root).parts))
 
 
 def recipe_rows(root: str | os.PathLike, counts: Mapping[str, Mapping[str, int]] | None = None) -> list[dict]:
     """One row per recipe under ``root``: file, header fields, and meta-build counts (built unless given
     in ``counts``, keyed by the file's path as listed)."""
-    from omegaconf import OmegaConf
+    from lavis_ext.project_files import load_project_yaml
 
     rows = []
     for path in recipe_files(root):
         key = path.as_posix()
         c = counts[key] if counts is not None and key in counts else count_parameters(build_project_on_meta(path))
-        evaluate = bool((OmegaConf.load(path).get("run") or {}).get("evaluate", False))
+        evaluate = bool((load_project_yaml(path).get("run") or {}).get("evaluate", False))
         rows.append({"file": key, **recipe_header(path), "total": c["total"], "trainable": c["trainable"], "evaluate": evaluate})
     return rows
 

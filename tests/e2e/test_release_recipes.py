@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from release_fixture import LLM_REPOS, RECIPES, ReleaseArtifacts, check_run, run_in_subprocess
 
-RECIPE_FILES = sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.yaml"))
+from lavis_ext.models.meta import recipe_files
+
+RECIPE_FILES = [p.relative_to(RECIPES).as_posix() for p in recipe_files(RECIPES)]  # not the shared _base/ files
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "projects" / "blip2"
 SCRIPTS = REPO / "run_scripts" / "blip2"
 DOCS = REPO / "docs" / "recipes.md"
-RECIPE_FILES = sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.yaml"))
+RECIPE_FILES = [p.relative_to(RECIPES).as_posix() for p in meta.recipe_files(RECIPES)]  # not the shared _base/ files
 LLMS = ("opt2.7b", "opt6.7b", "flant5xl", "flant5xxl")
 PER_LLM = (
     "caption_coco_ft", "caption_coco_ft_lora", "vqav2_ft", "vqav2_ft_lora", "eval_vqav2_zeroshot",
@@ -113,12 +113,10 @@ def test_every_llm_has_every_recipe():
 
 @pytest.mark.parametrize("rel", RECIPE_FILES)
 def test_recipe_passes_the_strict_checks(rel):
-    from lavis.common.config import Config
+    from lavis_ext.config import check_keys, check_names, load_project_yaml, project_config
 
-    from lavis_ext.config import check_keys, check_names
-
-    check_names(OmegaConf.load(RECIPES / rel))
-    check_keys(Config(argparse.Namespace(cfg_path=str(RECIPES / rel), options=None)))
+    check_names(load_project_yaml(RECIPES / rel))
+    check_keys(project_config(argparse.Namespace(cfg_path=str(RECIPES / rel), options=None)))
 
 
 @pytest.mark.parametrize("rel", RECIPE_FILES)
@@ -154,22 +152,24 @@ def test_paper_targets_in_headers():
 
 
 def test_paper_settings():
+    from lavis_ext.project_files import load_project_yaml
+
     for llm in LLMS:
-        cap = OmegaConf.load(RECIPES / llm / "caption_coco_ft.yaml")
+        cap = load_project_yaml(RECIPES / llm / "caption_coco_ft.yaml")
         assert (cap.run.max_epoch, cap.run.warmup_steps, cap.run.init_lr, cap.run.weight_decay) == (5, 1000, 1e-5, 0.05)
         assert cap.run.batch_size_train * 16 == 256 and cap.run.num_beams == 5
         assert (cap.model.image_size, cap.model.freeze_vit, cap.model.freeze_llm, cap.model.prompt) == (364, False, True, "a photo of")
-        vqa = OmegaConf.load(RECIPES / llm / "vqav2_ft.yaml")
+        vqa = load_project_yaml(RECIPES / llm / "vqav2_ft.yaml")
         assert vqa.run.batch_size_train * 16 == 128 and vqa.model.image_size == 490 and vqa.model.qformer_text_input
         assert vqa.datasets.json_vqa.prompt == "Question: {} Answer:" and vqa.run.prompt == ""
         for name in ("vqav2", "okvqa", "gqa"):
-            zs = OmegaConf.load(RECIPES / llm / f"eval_{name}_zeroshot.yaml")
+            zs = load_project_yaml(RECIPES / llm / f"eval_{name}_zeroshot.yaml")
             prompt = "Question: {} Answer:" if llm.startswith("opt") else "Question: {} Short answer:"
             data = zs.datasets.gqa_files if name == "gqa" else zs.datasets.json_vqa
             assert data.prompt == prompt and zs.run.prompt == ""
             assert (zs.run.num_beams, zs.run.length_penalty, zs.run.evaluate) == (5, -1.0, True)
         for lora in ("caption_coco_ft_lora", "vqav2_ft_lora"):
-            assert OmegaConf.load(RECIPES / llm / f"{lora}.yaml").model.lora_llm.r == 16
+            assert load_project_yaml(RECIPES / llm / f"{lora}.yaml").model.lora_llm.r == 16
 
 
 # ---- launch scripts ----------------------------------------------------------------------------
