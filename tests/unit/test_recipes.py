@@ -253,7 +253,10 @@ def test_recipe_datasets_build_from_the_documented_layout(rel, fake_data, monkey
     datasets = task.build_datasets(cfg)
     assert len(datasets) == 1
     (name, splits), = datasets.items()
-    env = [v for v in fake_data if v in (RECIPES / rel).read_text()]
+    from lavis_ext.project_files import load_project_yaml
+
+    resolved = OmegaConf.to_yaml(load_project_yaml(RECIPES / rel))  # the variables may sit in a _base_ file
+    env = [v for v in fake_data if v in resolved]
     assert env and all(v in header for v in env), "the header names the data variables the recipe reads"
     run = cfg.run_cfg
     wanted = set(run.get("train_splits", [])) | set(run.get("valid_splits", [])) | set(run.get("test_splits", []))
