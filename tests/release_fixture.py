@@ -604,7 +604,7 @@ def _generate_once(model, image_size: int, data_env: dict) -> list[str]:
 
 def run_recipe(rel: str, out_dir: Path) -> dict:
     """One recipe through ``lavis_ext.cli.train`` (``evaluate`` for ``run.evaluate: true`` recipes, as
-    their launch scripts call evaluate.py), then what it loaded, trained and generated."""
+    run_scripts/launch.sh calls evaluate.py), then what it loaded, trained and generated."""
     import resource
 
     from lavis_ext.project_files import load_project_yaml

@@ -1,6 +1,6 @@
 """Every recipe in projects/blip2 from release-shaped checkpoints (tests/release_fixture.py): LAVIS's URLs
 resolved to the torch hub cache, the LLM and bert-base-uncased from the Hugging Face cache with
-HF_HUB_OFFLINE=1, run through lavis_ext.cli (evaluate for evaluation recipes, as their launch scripts do)
+HF_HUB_OFFLINE=1, run through lavis_ext.cli (evaluate for evaluation recipes, as run_scripts/launch.sh does)
 with only depth, data, output folder, device and batch size overridden (and the exceptions listed in
 release_fixture.EXCEPTIONS; FlanT5-XXL's caption evaluations read caption_coco_ft's checkpoint, as their
 headers say). Each run must load its release with no missing or unused tensor beyond the

@@ -23,7 +23,8 @@ from lavis_ext.models import meta
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "projects" / "blip2"
-SCRIPTS = REPO / "run_scripts" / "blip2"
+SCRIPTS = REPO / "run_scripts" / "blip2"  # the 44 scripts launch.sh replaced
+LAUNCH = REPO / "run_scripts" / "launch.sh"
 DOCS = REPO / "docs" / "recipes.md"
 RECIPE_FILES = [p.relative_to(RECIPES).as_posix() for p in meta.recipe_files(RECIPES)]  # not the shared _base/ files
 LLMS = ("opt2.7b", "opt6.7b", "flant5xl", "flant5xxl")
@@ -126,7 +127,7 @@ def test_recipe_header_names_target_launch_and_data(rel):
     header = meta.recipe_header(RECIPES / rel)
     assert set(header) == set(meta.HEADER_FIELDS), header
     launch = header["Launch"].split()
-    assert launch[0] == "bash" and (REPO / launch[1]).is_file()
+    assert launch[:2] == ["bash", "run_scripts/launch.sh"] and (REPO / launch[2]).is_file()
     comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert "Override:" in comments and "Data:" in comments
     assert "/export/" not in text and "/home/" not in text  # data paths come from environment variables
@@ -172,22 +173,31 @@ def test_paper_settings():
             assert load_project_yaml(RECIPES / llm / f"{lora}.yaml").model.lora_llm.r == 16
 
 
-# ---- launch scripts ----------------------------------------------------------------------------
-def test_every_recipe_has_one_script_and_every_script_an_existing_recipe():
-    scripts = sorted(SCRIPTS.rglob("*.sh"))
-    named = []
-    for script in scripts:
-        text = script.read_text()
-        paths = re.findall(r"--cfg-path\s+(\S+)", text)
-        assert len(paths) == 1, script
-        assert (REPO / paths[0]).is_file(), f"{script} names missing {paths[0]}"
-        assert "torch.distributed.run" in text and "${NPROC:-16}" in text
-        assert script.stat().st_mode & 0o111, f"{script} is not executable"
-        named.append(Path(paths[0]).relative_to("projects/blip2").as_posix())
-        # the script sits where the recipe's header says
-        assert meta.recipe_header(REPO / paths[0])["Launch"] == f"bash {script.relative_to(REPO).as_posix()}"
-    assert sorted(named) == RECIPE_FILES
-    subprocess.run(["bash", "-n", *map(str, scripts)], check=True)
+# ---- the launcher --------------------------------------------------------------------------------
+def test_every_header_launches_its_own_recipe_through_the_one_launcher():
+    assert not SCRIPTS.exists(), "run_scripts/blip2 was replaced by run_scripts/launch.sh"
+    for rel in RECIPE_FILES:
+        assert meta.recipe_header(RECIPES / rel)["Launch"] == f"bash run_scripts/launch.sh projects/blip2/{rel}", rel
+    assert LAUNCH.stat().st_mode & 0o111, "run_scripts/launch.sh is not executable"
+    subprocess.run(["bash", "-n", str(LAUNCH)], check=True)
+
+
+@pytest.mark.parametrize(("rel", "entry"), [("opt2.7b/caption_coco_ft.yaml", "train.py"), ("flant5xl/eval_gqa_zeroshot.yaml", "evaluate.py")])
+def test_launcher_picks_the_entry_from_the_resolved_recipe(rel, entry, tmp_path):
+    """run.evaluate sits in a _base_ file: the launcher reads the merged recipe; torchrun is faked by PYTHON."""
+    import os
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$2" = torch.distributed.run ]; then shift 2; echo "$@"; else exec {sys.executable} "$@"; fi\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "NPROC": "2"}
+    out = subprocess.run(["bash", str(LAUNCH), f"projects/blip2/{rel}", "--options", "run.max_epoch=1"], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert "--nproc_per_node=2" in out and out[out.index("--cfg-path") - 1] == entry
+    assert out[out.index("--cfg-path") + 1] == str(RECIPES / rel) and out[-2:] == ["--options", "run.max_epoch=1"]
+    bad = subprocess.run(["bash", str(LAUNCH), "projects/blip2/nope.yaml"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope.yaml not found" in bad.stderr
 
 
 # ---- datasets from a fake layout of the data the headers name -----------------------------------------
