@@ -64,6 +64,12 @@ def weights(run_dir: Path) -> dict:
 KEY_BIASES = (".attention.self.key.bias", ".crossattention.self.key.bias", ".self_attn.k_proj.bias")
 
 
+# Same global batch, other summation order (2 ranks' all-reduce vs one process's sum): measured 1.7e-6 to 4.4e-6
+# after the aligned run (DDP and FSDP, for-loop and fused AdamW, 2026-12-05); a real sharding bug (a rank training
+# on the other's samples, a missing all-reduce) moves weights by ~lr = 1e-3 per step. 2e-5 sits between.
+TOLERANCE = 2e-5
+
+
 def max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a if not k.endswith(KEY_BIASES))
@@ -106,7 +112,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(synthetic
     out.mkdir()
     finish(launch(synthetic_root, out, ["--standalone", "--nproc_per_node=2"], batch=5))
     two = weights(only_run(out))
-    assert max_difference(two, single_process_weights) < 1e-6
+    assert max_difference(two, single_process_weights) < TOLERANCE
 
 
 @pytest.mark.slow
@@ -121,7 +127,7 @@ def test_two_nodes_on_loopback_train_together(synthetic_root, tmp_path, single_p
     for proc in nodes:
         finish(proc)
     run_dir = only_run(out)  # one job id, broadcast from rank 0: both nodes wrote into one folder
-    assert max_difference(weights(run_dir), single_process_weights) < 1e-6
+    assert max_difference(weights(run_dir), single_process_weights) < TOLERANCE
 
 
 @pytest.mark.slow
@@ -134,7 +140,7 @@ def test_accelerate_launch_is_a_launcher_too(synthetic_root, tmp_path, single_pr
     finish(launch(synthetic_root, out, ["--num_processes=2", "--num_machines=1", "--multi_gpu", "--mixed_precision=no",
                                         "--dynamo_backend=no", f"--main_process_port={free_port()}"],
                   batch=5, program=accelerate))
-    assert max_difference(weights(only_run(out)), single_process_weights) < 1e-6
+    assert max_difference(weights(only_run(out)), single_process_weights) < TOLERANCE
 
 
 @pytest.mark.slow
@@ -147,7 +153,7 @@ def test_two_process_fsdp_equals_one_process_and_resumes(synthetic_root, tmp_pat
     run_dir = only_run(out)
     sharded = weights(run_dir)
     assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in single_process_weights.items()}
-    assert max_difference(sharded, single_process_weights) < 1e-6
+    assert max_difference(sharded, single_process_weights) < TOLERANCE
 
     two_epochs = ("run.fsdp=true", "run.max_epoch=2", "run.save_every_steps=5")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
