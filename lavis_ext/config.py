@@ -147,11 +147,19 @@ def _check_processors(dcfg, where: str) -> None:
                 _fail("processor", name, _mapping("processor_name_mapping"), f"{where}.{kind}.{split}.name")
 
 
+def run_keys_for(task_name) -> set[str]:
+    """The ``run.*`` keys valid for a task: the shared ones plus the task class's own ``run_keys`` (a task in a
+    research project declares its options there instead of editing this file)."""
+    task_cls = _mapping("task_name_mapping").get(task_name)
+    return RUN_KEYS | set(getattr(task_cls, "run_keys", ()))
+
+
 def check_keys(cfg) -> None:
     """Keys of the merged LAVIS `Config` (run, model, datasets)."""
+    run_keys = run_keys_for(cfg.run_cfg.get("task"))
     for key in cfg.run_cfg:
-        if key not in RUN_KEYS:
-            _fail("run key", key, RUN_KEYS, f"run.{key}")
+        if key not in run_keys:
+            _fail("run key", key, run_keys, f"run.{key}")
     for key in cfg.model_cfg:
         if key not in MODEL_KEYS:
             _fail("model key", key, MODEL_KEYS, f"model.{key}")

@@ -1,11 +1,11 @@
-"""`lavis-ext new task NAME`: the guide's steps, run literally in a copy of the checkout, pass; the file
-count the guide states is what the scaffold writes; bad names and existing files are refused."""
+"""`lavis-ext new task NAME --project DIR`: the guide's steps, run literally in an empty folder, pass and change no
+file of lavis-ext; the file count the guide states is what the scaffold writes; bad names and existing files
+are refused; a task's own ``run_keys`` are valid for that task only."""
 from __future__ import annotations
 
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lavis_ext import scaffold
+from lavis_ext.config import ConfigError, check_keys
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "adding_a_task.md"
@@ -30,94 +31,95 @@ def guide_file_count() -> tuple[int, int]:
     return int(new), int(edited)
 
 
-def copy_checkout(dest: Path) -> Path:
-    """What a checkout has that a task needs: the package, the test fixtures and the pytest config."""
-    shutil.copytree(REPO / "lavis_ext", dest / "lavis_ext", ignore=shutil.ignore_patterns("__pycache__"))
-    (dest / "tests").mkdir()
-    for name in ("conftest.py", "tiny_models.py"):
-        shutil.copy(REPO / "tests" / name, dest / "tests" / name)
-    shutil.copy(REPO / "pyproject.toml", dest / "pyproject.toml")
-    return dest
+def package_files() -> dict[str, float]:
+    """Every file of the installed package with its modification time (the scaffold must change none)."""
+    return {str(p): p.stat().st_mtime for p in (REPO / "lavis_ext").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
-# how the guide's programs are started here: the installed `lavis-ext` script and `pytest` would import the
-# editable install (this repository), not the copy; the same entry points through this interpreter do not
+# how the guide's programs are started here: this interpreter, without relying on the venv's bin on PATH
 PROGRAMS = {
     "lavis-ext": [sys.executable, "-W", "ignore", "-c", "import sys; from lavis_ext.cli import main; sys.exit(main())"],
     "pytest": [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
 }
 
 
-def test_the_guides_steps_pass_in_a_fresh_checkout(tmp_path, synthetic_root):
-    checkout = copy_checkout(tmp_path / "checkout")
-    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1", "LAVIS_EXT_DATA": str(synthetic_root)}
+def test_the_guides_steps_pass_in_an_empty_folder_and_change_no_file_of_lavis_ext(tmp_path, synthetic_root):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAVIS_EXT_DATA": str(synthetic_root)}
+    env.pop("PYTHONPATH", None)
+    before = package_files()
     steps = guide_steps()
     assert [step[0] for step in steps] == ["lavis-ext", "pytest"], steps
     outputs = []
     for program, *args in steps:
-        proc = subprocess.run([*PROGRAMS[program], *args], cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([*PROGRAMS[program], *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{program} {args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         outputs.append(proc.stdout)
-    name = steps[0][3]
+    name, project = steps[0][3], steps[0][steps[0].index("--project") + 1]
     created = re.findall(r"^created (\S+)", outputs[0], re.M)
-    edited = re.findall(r"^edited\s+(\S+)", outputs[0], re.M)
-    assert (len(created), len(edited)) == guide_file_count()
-    assert sorted(created) == sorted(t.format(name=name) for t in scaffold.TASK_FILES.values())
+    assert (len(created), 0) == guide_file_count()
+    assert sorted(created) == sorted(f"{project}/{t.format(name=name)}" for t in scaffold.TASK_FILES.values())
     assert "2 passed" in outputs[1], outputs[1][-2000:]
-    assert f"from lavis_ext.tasks.{name} import" in (checkout / scaffold.TASK_REGISTRY_FILE).read_text()
+    assert package_files() == before
 
 
-def test_the_guide_lists_exactly_the_files_the_scaffold_touches():
-    text = GUIDE.read_text()
-    table = re.findall(r"^\| `([^`]+)` \| (new|edited) \|", text, re.M)
-    new = sorted(t.replace("{name}", "NAME") for t in scaffold.TASK_FILES.values())
-    assert sorted(path for path, kind in table if kind == "new") == new
-    assert [path for path, kind in table if kind == "edited"] == [scaffold.TASK_REGISTRY_FILE]
-    assert guide_file_count() == (len(scaffold.TASK_FILES), 1)
-
-
-@pytest.fixture
-def fake_checkout(tmp_path) -> Path:
-    (tmp_path / "lavis_ext" / "tasks").mkdir(parents=True)
-    (tmp_path / "lavis_ext" / "tasks" / "__init__.py").write_text('"""tasks"""\nfrom lavis_ext.tasks.a import A\n\n__all__ = ["A"]\n')
-    return tmp_path
+def test_the_guide_lists_exactly_the_files_the_scaffold_writes():
+    table = re.findall(r"^\| `([^`]+)` \| (new|edited) \|", GUIDE.read_text(), re.M)
+    assert sorted(path for path, _ in table) == sorted(f"DIR/{t.replace('{name}', 'NAME')}" for t in scaffold.TASK_FILES.values())
+    assert {kind for _, kind in table} == {"new"} and guide_file_count() == (len(scaffold.TASK_FILES), 0)
 
 
 @pytest.mark.parametrize("name", ["retrieval", "captioning", "retrieval_ext", "image_text_pretrain_ext"])
-def test_a_registered_name_is_refused(name, fake_checkout, capsys):
-    assert scaffold.main(["task", name, "--dest", str(fake_checkout)]) == 2
+def test_a_registered_name_is_refused(name, tmp_path, capsys):
+    assert scaffold.main(["task", name, "--project", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert f"task name {name!r} is already registered" in err and "choose another name" in err
-    assert not (fake_checkout / "projects").exists()  # nothing written
+    assert not (tmp_path / "p").exists()  # nothing written
 
 
 @pytest.mark.parametrize("name", ["Caption", "caption-length", "1st", "class", "", "a b"])
-def test_an_invalid_identifier_is_refused(name, fake_checkout):
+def test_an_invalid_identifier_is_refused(name, tmp_path):
     with pytest.raises(scaffold.ScaffoldError, match="is not a lower-case Python identifier"):
-        scaffold.new_task(name, fake_checkout)
+        scaffold.new_task(name, tmp_path)
 
 
-def test_an_existing_file_is_refused_and_nothing_is_written(fake_checkout):
-    existing = fake_checkout / "projects" / "tiny" / "my_task.yaml"
-    existing.parent.mkdir(parents=True)
+def test_a_module_name_already_importable_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "my_task_task.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "elsewhere"))
+    with pytest.raises(scaffold.ScaffoldError, match=r"module 'my_task_task' already exists on sys.path"):
+        scaffold.new_task("my_task", tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_an_existing_file_is_refused_and_nothing_is_written(tmp_path):
+    existing = tmp_path / "my_task.yaml"
     existing.write_text("mine\n")
-    before = (fake_checkout / scaffold.TASK_REGISTRY_FILE).read_text()
     with pytest.raises(scaffold.ScaffoldError, match=r"my_task.yaml' already exists"):
-        scaffold.new_task("my_task", fake_checkout)
-    assert not (fake_checkout / "lavis_ext" / "tasks" / "my_task.py").exists()
-    assert (fake_checkout / scaffold.TASK_REGISTRY_FILE).read_text() == before and existing.read_text() == "mine\n"
-
-
-def test_a_destination_that_is_not_a_checkout_is_refused(tmp_path):
-    with pytest.raises(scaffold.ScaffoldError, match="is not a lavis-ext checkout"):
         scaffold.new_task("my_task", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_task.yaml"] and existing.read_text() == "mine\n"
 
 
-def test_the_import_goes_after_the_last_task_import(fake_checkout):
-    result = scaffold.new_task("my_task", fake_checkout)
-    lines = (fake_checkout / scaffold.TASK_REGISTRY_FILE).read_text().splitlines()
-    assert lines[2].startswith("from lavis_ext.tasks.my_task import MyTaskTask") and lines[-1] == '__all__ = ["A"]'
-    assert [p.relative_to(fake_checkout).as_posix() for p in result.created] == [
-        t.format(name="my_task") for t in scaffold.TASK_FILES.values()
-    ]
-    compile((fake_checkout / "lavis_ext/tasks/my_task.py").read_text(), "my_task.py", "exec")
+def test_the_generated_files_compile_and_the_yaml_imports_the_module(tmp_path):
+    result = scaffold.new_task("my_task", tmp_path / "research")
+    assert [p.name for p in result.created] == ["my_task_task.py", "my_task.yaml", "test_my_task.py"]
+    for path in result.created[::2]:
+        compile(path.read_text(), path.name, "exec")
+    assert "custom_imports: [my_task_task]" in (tmp_path / "research" / "my_task.yaml").read_text()
+
+
+def test_a_tasks_run_keys_are_valid_for_that_task_only(monkeypatch):
+    """The hook the generated module uses: `run_keys` on the task class widens the check for that task."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    class WithOption:
+        run_keys = frozenset({"report_every"})
+
+    monkeypatch.setitem(registry.mapping["task_name_mapping"], "scaffold_probe", WithOption)
+
+    def cfg(task):
+        return OmegaConf.create({"run_cfg": {"task": task, "report_every": 5}, "model_cfg": {}, "datasets_cfg": {}})
+
+    check_keys(cfg("scaffold_probe"))
+    with pytest.raises(ConfigError, match=r"unknown run key 'report_every' at run.report_every"):
+        check_keys(cfg("captioning_ext"))
