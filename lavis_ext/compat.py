@@ -3,11 +3,16 @@
 Each shim names the exact error it fixes and is covered by a test in ``tests/unit/test_compat.py``
 that fails without it. Everything else LAVIS gets wrong is fixed by subclassing (models, tasks,
 runner), never here. ``apply()`` must run before the first ``import lavis``; ``lavis_ext.register()``
-calls it first thing.
+calls it first thing. The one patch of torch itself, :func:`tensors_registered_on`, is scoped to a ``with``
+block and to the thread that entered it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 _applied = False
@@ -69,3 +74,59 @@ def apply() -> None:
     _register_schedulers_and_runners()  # imports lavis
     _redirect_cache_root()
     _applied = True
+
+
+# ---- meta builds: module tensors registered on another device ---------------------------------------------
+_REGISTER_ON: contextvars.ContextVar = contextvars.ContextVar("lavis_ext_register_on", default=None)
+_patch_lock = threading.Lock()
+_patch_users = 0
+_originals: dict = {}
+
+
+def _parameter_on_target(module, name, param):
+    device = _REGISTER_ON.get()
+    if device is not None and param is not None and param.device != device:
+        param = type(param)(param.detach().to(device), requires_grad=param.requires_grad)
+    _originals["register_parameter"](module, name, param)
+
+
+def _buffer_on_target(module, name, tensor, persistent=True):
+    device = _REGISTER_ON.get()
+    if device is not None and tensor is not None and tensor.device != device:
+        tensor = tensor.to(device)
+    _originals["register_buffer"](module, name, tensor, persistent=persistent)
+
+
+@contextlib.contextmanager
+def tensors_registered_on(device) -> Iterator[None]:
+    """Parameters and buffers that modules register inside the block land on ``device`` (``meta``: a real-size
+    model without its memory); tensors already there keep their identity, so weight ties survive.
+
+    Why a patch of ``nn.Module.register_parameter`` / ``register_buffer`` and not ``with torch.device("meta")``:
+    the device context also moves every factory call, and LAVIS's ViT reads values of such tensors while it
+    builds (``torch.linspace(0, drop_path_rate, depth)`` then ``.item()``), which meta tensors cannot give.
+    accelerate's ``init_empty_weights`` patches the same two methods, but for every thread at once. Here the
+    patch is installed while at least one block is open and redirects only the thread (context) that entered
+    it, so a model built beside it in a serving or loader thread is untouched.
+    """
+    import torch
+    import torch.nn as nn
+
+    global _patch_users
+    with _patch_lock:
+        if _patch_users == 0:
+            _originals["register_parameter"] = nn.Module.register_parameter
+            _originals["register_buffer"] = nn.Module.register_buffer
+            nn.Module.register_parameter = _parameter_on_target
+            nn.Module.register_buffer = _buffer_on_target
+        _patch_users += 1
+    token = _REGISTER_ON.set(torch.device(device))
+    try:
+        yield
+    finally:
+        _REGISTER_ON.reset(token)
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                nn.Module.register_parameter = _originals.pop("register_parameter")
+                nn.Module.register_buffer = _originals.pop("register_buffer")

@@ -48,6 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lavis_ext import compat
+
 HUB_DIR = Path(__file__).resolve().parent.parent / "configs" / "hub"
 META = torch.device("meta")
 
@@ -69,37 +71,11 @@ def meta_build_active() -> bool:
 
 
 @contextlib.contextmanager
-def _on_meta() -> Iterator[None]:
-    """Parameters and buffers go to the meta device as modules register them (identity kept for
-    tensors already on meta, so ties survive). Not thread-safe: it swaps ``nn.Module.register_*``."""
-    register_parameter = nn.Module.register_parameter
-    register_buffer = nn.Module.register_buffer
-
-    def parameter_on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = type(param)(param.detach().to(META), requires_grad=param.requires_grad)
-        register_parameter(module, name, param)
-
-    def buffer_on_meta(module, name, tensor, persistent=True):
-        if tensor is not None and tensor.device.type != "meta":
-            tensor = tensor.to(META)
-        register_buffer(module, name, tensor, persistent=persistent)
-
-    nn.Module.register_parameter = parameter_on_meta
-    nn.Module.register_buffer = buffer_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register_parameter
-        nn.Module.register_buffer = register_buffer
-
-
-@contextlib.contextmanager
 def meta_build() -> Iterator[None]:
     """Everything built inside lands on meta and the component hooks use offline sources."""
     token = _ACTIVE.set(True)
     try:
-        with _on_meta():
+        with compat.tensors_registered_on(META):
             yield
     finally:
         _ACTIVE.reset(token)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lavis.common.registry import registry
 
 
@@ -58,3 +60,38 @@ def test_cache_root_follows_env(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(tmp_path)
+
+
+def test_tensors_registered_on_meta_only_in_the_entering_thread_and_only_inside_the_block():
+    """The meta-build patch: this thread's modules land on meta (ties kept, values of factory tensors still
+    readable); a module built meanwhile in another thread stays on CPU; afterwards torch is as before."""
+    import threading
+
+    import torch
+    import torch.nn as nn
+
+    from lavis_ext import compat
+
+    original = nn.Module.register_parameter
+    entered, built = threading.Event(), threading.Event()
+    other = {}
+
+    def build_elsewhere():
+        entered.wait(10)
+        other["linear"] = nn.Linear(3, 3)
+        built.set()
+
+    thread = threading.Thread(target=build_elsewhere)
+    thread.start()
+    with compat.tensors_registered_on("meta"):
+        rates = [x.item() for x in torch.linspace(0, 0.1, 3)]  # LAVIS's ViT reads these while it builds
+        head = nn.Linear(4, 4)
+        tied = nn.Linear(4, 4)
+        tied.weight = head.weight
+        entered.set()
+        built.wait(10)
+    thread.join(10)
+    assert rates[-1] == pytest.approx(0.1)
+    assert head.weight.device.type == "meta" and head.bias.device.type == "meta" and tied.weight is head.weight
+    assert other["linear"].weight.device.type == "cpu"
+    assert nn.Module.register_parameter is original and nn.Linear(2, 2).weight.device.type == "cpu"
