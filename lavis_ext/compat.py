@@ -105,7 +105,8 @@ def tensors_registered_on(device) -> Iterator[None]:
     Why a patch of ``nn.Module.register_parameter`` / ``register_buffer`` and not ``with torch.device("meta")``:
     the device context also moves every factory call, and LAVIS's ViT reads values of such tensors while it
     builds (``torch.linspace(0, drop_path_rate, depth)`` then ``.item()``), which meta tensors cannot give.
-    accelerate's ``init_empty_weights`` patches the same two methods, but for every thread at once. Here the
+    accelerate's ``init_empty_weights`` patches the same two methods, but for every thread at once, and wraps
+    parameters already on meta anew (ties made during construction come apart). Here the
     patch is installed while at least one block is open and redirects only the thread (context) that entered
     it, so a model built beside it in a serving or loader thread is untouched.
     """
