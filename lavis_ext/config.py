@@ -50,9 +50,12 @@ MODEL_KEYS = {
     "qformer_tokenizer", "qformer_model", "qformer_config",
     "opt_model", "opt_tokenizer", "opt_config", "t5_model", "t5_tokenizer", "t5_config",
     "freeze_llm", "llm_precision", "apply_lemmatizer",
+    "decode_impl",  # lean | hf: OPT's decode loop (lavis_ext.models.decode) or transformers' generate
     # training strategy (lavis_ext.models.strategies)
     "freeze_qformer", "lora_llm", "lora_qformer", "qformer_text_input",
     "qformer_grad_checkpoint", "llm_grad_checkpoint",
+    # 8/4-bit frozen LLM (lavis_ext.models.llm_specs.QUANTIZATION_DEFAULTS)
+    "llm_quantization", "llm_4bit_quant_type", "llm_4bit_double_quant", "llm_4bit_compute_dtype",
 }
 
 DATASET_KEYS = {

@@ -17,9 +17,10 @@ from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
 from lavis_ext.models.answers import expand_answers, weighted_sequence_loss
+from lavis_ext.models.decode import check_decode_impl
 from lavis_ext.models.generation import Blip2GenerationMixin
 from lavis_ext.models.components import Blip2ComponentsMixin, env_path, vision_kwargs
-from lavis_ext.models.llm_specs import OPT
+from lavis_ext.models.llm_specs import OPT, LLMQuantization
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 from lavis_ext.models.strategies import finish_from_config
 
@@ -53,6 +54,7 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         cross_attention_freq=2,
         components=None,
         qformer_text_input=False,
+        llm_quantization=None,  # an LLMQuantization (model.llm_quantization keys): 8/4-bit LLM weights
     ):
         self._remember_components(components)
         Blip2Base.__init__(self)  # skip Blip2OPT.__init__ (see module docstring)
@@ -64,7 +66,8 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         )
 
         self.opt_tokenizer, self.opt_model = OPT.build(
-            env_path(opt_model), env_path(opt_tokenizer), opt_config, OPT.storage_dtype(llm_precision)
+            env_path(opt_model), env_path(opt_tokenizer), opt_config, OPT.storage_dtype(llm_precision),
+            llm_quantization,
         )
         if freeze_llm:
             for param in self.opt_model.parameters():
@@ -155,16 +158,16 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         """Decode from the image prefix (``encode_image_for_llm``, or an exported image encoder's output)
         followed by each prompt; Hugging Face ``generate`` keyword arguments pass through."""
         # the side as an argument, not a tokenizer attribute: the tokenizer is shared by concurrent serving threads
-        opt_tokens = self.opt_tokenizer(
-            list(prompts), return_tensors="pt", padding="longest", padding_side=OPT.generate_padding_side
-        ).to(inputs_opt.device)
-        attention_mask = torch.cat([atts_opt, opt_tokens.attention_mask], dim=1)
+        input_ids, prompt_mask = self.prompt_tokens(self.opt_tokenizer, prompts, OPT.generate_padding_side)
+        input_ids, prompt_mask = input_ids.to(inputs_opt.device), prompt_mask.to(inputs_opt.device)
+        attention_mask = torch.cat([atts_opt, prompt_mask], dim=1)
         with self.maybe_autocast(block=self.opt_model):
-            inputs_embeds = self._prefixed_embeds(inputs_opt, opt_tokens.input_ids)
-            # With inputs_embeds only, HF returns the new tokens alone.
-            outputs = self.opt_model.generate(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
+            inputs_embeds = self._prefixed_embeds(inputs_opt, input_ids)
+            # With inputs_embeds only, HF returns the new tokens alone (and so does the lean loop).
+            outputs = self.llm_generate(
+                self.opt_model,
+                inputs_embeds,
+                attention_mask,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.opt_tokenizer.pad_token_id,
                 **generate_kwargs,
@@ -183,5 +186,7 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
             freeze_llm=cfg.get("freeze_llm", True),
             llm_precision=cfg.get("llm_precision"),
             qformer_text_input=cfg.get("qformer_text_input", False),
+            llm_quantization=LLMQuantization.from_config(cfg, OPT),
         )
+        model.decode_impl = check_decode_impl(cfg.get("decode_impl", "lean"))
         return finish_from_config(model, cfg)

@@ -18,7 +18,7 @@ from lavis.models.blip2_models.blip2_t5 import Blip2T5
 from lavis_ext.models.answers import expand_answers, weighted_sequence_loss
 from lavis_ext.models.generation import Blip2GenerationMixin
 from lavis_ext.models.components import Blip2ComponentsMixin, env_path, vision_kwargs
-from lavis_ext.models.llm_specs import T5
+from lavis_ext.models.llm_specs import T5, LLMQuantization
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 from lavis_ext.models.strategies import finish_from_config
 
@@ -54,6 +54,7 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
         cross_attention_freq=2,
         components=None,
         qformer_text_input=False,
+        llm_quantization=None,  # an LLMQuantization (model.llm_quantization keys): 8/4-bit LLM weights
     ):
         self._remember_components(components)
         Blip2Base.__init__(self)  # skip Blip2T5.__init__ (see module docstring)
@@ -65,7 +66,8 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
         )
 
         self.t5_tokenizer, self.t5_model = T5.build(
-            env_path(t5_model), env_path(t5_tokenizer), t5_config, T5.storage_dtype(llm_precision)
+            env_path(t5_model), env_path(t5_tokenizer), t5_config, T5.storage_dtype(llm_precision),
+            llm_quantization,
         )
         if freeze_llm:
             for param in self.t5_model.parameters():
@@ -152,5 +154,6 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
             freeze_llm=cfg.get("freeze_llm", True),
             llm_precision=cfg.get("llm_precision"),
             qformer_text_input=cfg.get("qformer_text_input", False),
+            llm_quantization=LLMQuantization.from_config(cfg, T5),
         )
         return finish_from_config(model, cfg)

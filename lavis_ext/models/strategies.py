@@ -8,7 +8,12 @@ All of it is chosen in the model YAML and composes (e.g. LoRA on the LLM with th
   null`` takes the family preset (:data:`LORA_PRESETS`). peft's ``inject_adapter_in_model`` swaps the
   target ``nn.Linear`` layers for LoRA layers inside the existing module, so LAVIS's ``forward`` and our
   ``generate`` run unchanged, and freezes that module's base weights;
-* ``use_grad_checkpoint`` (ViT, LAVIS's key), ``qformer_grad_checkpoint``, ``llm_grad_checkpoint``.
+* ``use_grad_checkpoint`` (ViT, LAVIS's key), ``qformer_grad_checkpoint``, ``llm_grad_checkpoint``;
+* ``llm_quantization: 8bit|4bit`` (loaded by :class:`lavis_ext.models.llm_specs.LLMQuantization`) with
+  ``lora_llm``: QLoRA. peft's ``prepare_model_for_kbit_training`` runs before the adapters go in (the
+  LLM's unquantised parameters, norms and embeddings, go to fp32 for stable gradients through it), and
+  peft then wraps the bitsandbytes layers in its bnb LoRA layers; the adapters are fp32 like every
+  trainable tensor (:func:`upcast_trainable`).
 
 Presets as in the paper: Q-Former only (``freeze_vit: true``, ``freeze_llm: true``; stage 2 and
 caption fine-tuning without the ViT), ViT unfrozen (``freeze_vit: false``; the ViT then stays fp32,
@@ -77,6 +82,18 @@ def inject_lora(module: nn.Module, spec, preset: str, where: str) -> nn.Module:
     return module
 
 
+def prepare_quantized_llm(llm: nn.Module) -> nn.Module:
+    """QLoRA's preparation of an 8/4-bit LLM for adapters: peft's ``prepare_model_for_kbit_training``.
+
+    It freezes the LLM and casts its half-precision parameters that bitsandbytes did not quantise (embeddings,
+    norms, the LM head) to fp32. Its gradient checkpointing is left to ``llm_grad_checkpoint`` (non-reentrant:
+    no input-grad hook needed), and no accelerator cache is emptied (only :mod:`lavis_ext.dist` touches CUDA).
+    """
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False, auto_clear_cache=False)
+
+
 def _set_trainable(params, flag: bool) -> None:
     for param in params:
         param.requires_grad = flag
@@ -96,6 +113,8 @@ def apply_training_strategy(model: nn.Module, cfg) -> nn.Module:
     if get("lora_llm"):
         if llm is None:
             raise ValueError(f"lora_llm is set but {type(model).__name__} has no language model")
+        if get("llm_quantization"):
+            prepare_quantized_llm(llm)
         inject_lora(llm, get("lora_llm"), family, "model.lora_llm")
     if get("lora_qformer"):
         inject_lora(model.Qformer, get("lora_qformer"), "qformer", "model.lora_qformer")
