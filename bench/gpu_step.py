@@ -8,8 +8,8 @@ Cases (bf16 autocast, batch 16, 224 px, 32 queries, captions of the synthetic da
 - ``t5_qformer``: BLIP-2 Flan-T5-XL, only the Q-Former (+ queries, projection) trained.
 
 Ours: the project's recipe (``projects/blip2/...``) built through ``lavis_ext.models.meta.build_on_meta`` (real
-construction path, offline hub facts), materialised on the GPU with random weights, trained by our task loop
-(``TaskExtMixin._train_inner_loop``) with the run's autocast set explicitly (``run.amp: true``, ``run.amp_dtype:
+construction path, offline hub facts), materialised on the GPU with random weights, trained by our training loop
+(``lavis_ext.runners.loop.TrainLoop``) with the run's autocast set explicitly (``run.amp: true``, ``run.amp_dtype:
 bf16``: the precision module decides per block, not LAVIS's ``maybe_autocast``) and the runner's AdamW
 (``build_optimizer``). Peer: ``transformers.Blip2ForConditionalGeneration`` holding a copy of the *same* weights
 (our state dict through ``lavis_ext.interop.hf_bridge.to_hf_state``, the tested key table), peft LoRA adapters
@@ -221,19 +221,18 @@ def ours_runner(model, sample, steps, device):
     from lavis.common.optims import LinearWarmupCosineLRScheduler
     from omegaconf import OmegaConf
 
+    from lavis_ext.runners.loop import TrainLoop
     from lavis_ext.runners.runner_base import build_optimizer
-    from lavis_ext.tasks.base import TaskExtMixin
     from lavis_ext.tasks.captioning import CaptionTaskExt
 
     task = CaptionTaskExt(num_beams=1, max_len=20, min_len=1, evaluate=False)
-    task.attach_run({"amp": amp_enabled(device), "amp_dtype": "bf16"}, None)
+    loop = TrainLoop({"amp": amp_enabled(device), "amp_dtype": "bf16"})
     optimizer = build_optimizer(model, OmegaConf.create({"init_lr": 1e-5, "weight_decay": 0.05}))
     scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=100, min_lr=0, init_lr=1e-5)
     epoch = [0]
 
     def run():
-        TaskExtMixin._train_inner_loop(task, epoch[0], steps, model, iter([sample] * steps), optimizer, scheduler,
-                                       log_freq=10**6)
+        loop.run_epoch(task, epoch[0], steps, model, iter([sample] * steps), optimizer, scheduler, log_freq=10**6)
         epoch[0] += 1
     return run, optimizer
 

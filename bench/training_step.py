@@ -7,7 +7,7 @@ choice would differ:
 - ours: the tiny ``blip2_opt_ext`` / ``blip2_t5_ext`` model (Hugging Face ``OPTForCausalLM`` /
   ``T5ForConditionalGeneration`` as built by ``lavis_ext.models.components.build_llm``, OPT with the fast tokenizer
   of ``lavis_ext.models.tokenizers.load_opt_tokenizer``) trained by our task loop
-  (``lavis_ext.tasks.base.TaskExtMixin._train_inner_loop`` through ``captioning_ext``: device moves, autocast,
+  (``lavis_ext.runners.loop.TrainLoop.run_epoch`` with ``captioning_ext``'s ``train_step``: device moves, autocast,
   non-finite-loss checks, progress bar, loss kept on the device) with the runner's AdamW
   (``lavis_ext.runners.runner_base.build_optimizer``: ``run.optimizer_impl`` unset = fused).
 - peer: a deep copy of the same model whose LLM is LAVIS 1.0.2's vendored ``modeling_opt.OPTForCausalLM`` /
@@ -117,7 +117,8 @@ def lavis_optimizer(model):
 
 
 def loop_runner(model, task, loop, steps: int, data: list[dict], optimizer):
-    """A callable that runs one epoch of ``steps`` steps of ``loop`` (a task's ``_train_inner_loop``)."""
+    """A callable that runs one epoch of ``steps`` steps of ``loop`` (``loop(task, epoch=..., ...)``: LAVIS's
+    ``BaseTask._train_inner_loop`` or :func:`our_loop`)."""
     from lavis.common.optims import LinearWarmupCosineLRScheduler
 
     scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=10, min_lr=1e-5, init_lr=1e-4, warmup_steps=5,
@@ -129,6 +130,17 @@ def loop_runner(model, task, loop, steps: int, data: list[dict], optimizer):
         loop(task, epoch=state["epoch"], iters_per_epoch=steps, model=model, data_loader=stream, optimizer=optimizer,
              lr_scheduler=scheduler, scaler=None, log_freq=10**6, cuda_enabled=False, accum_grad_iters=1)
         state["epoch"] += 1
+    return run
+
+
+def our_loop(run_cfg: dict):
+    """Our training loop (the runner's ``TrainLoop``) in the calling convention of LAVIS's task loop."""
+    from lavis_ext.runners.loop import TrainLoop
+
+    loop = TrainLoop(run_cfg)
+
+    def run(task, cuda_enabled=False, **kwargs):
+        return loop.run_epoch(task, **kwargs)
     return run
 
 
@@ -186,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     lavis_ext.register()  # compat shims first, then registration
     from lavis.tasks.base_task import BaseTask
     from lavis.tasks.captioning import CaptionTask
-    from lavis_ext.tasks.base import TaskExtMixin
     from lavis_ext.tasks.captioning import CaptionTaskExt
     from tiny_models import tiny_model
 
@@ -206,12 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         data = batches(arch, 4, args.batch)
         losses = first_losses(models, data[0])
         our_task = CaptionTaskExt(num_beams=1, max_len=20, min_len=1, evaluate=False)
-        our_task.attach_run({"amp": False}, None)
         stock_task = CaptionTask(num_beams=1, max_len=20, min_len=1, evaluate=False)
-        sides = {"ours": loop_runner(ours, our_task, TaskExtMixin._train_inner_loop, steps, data, ours_optimizer(ours)),
+        sides = {"ours": loop_runner(ours, our_task, our_loop({"amp": False}), steps, data, ours_optimizer(ours)),
                  "peer": loop_runner(peer, stock_task, BaseTask._train_inner_loop, steps, data, lavis_optimizer(peer))}
         if args.ablate:
-            sides["ours, levers off"] = loop_runner(models["ours, levers off"], our_task, TaskExtMixin._train_inner_loop, steps,
+            sides["ours, levers off"] = loop_runner(models["ours, levers off"], our_task, our_loop({"amp": False}), steps,
                                                     data, ours_optimizer(models["ours, levers off"], "for_loop"))
         torch.manual_seed(0)
         times, cpu = interleaved_wall_cpu(sides, runs)

@@ -10,8 +10,9 @@ place of the last good one. Here a checkpoint is one ``.safetensors`` file:
 * ``rng.<rank>.{torch,cuda.<i>,numpy,python}``: every RNG state of every rank (resume only);
 * metadata (JSON strings): ``format``, ``config`` (the resolved run config), ``epoch``, ``param_groups``,
   ``scaler``, ``lr_sched`` (LAVIS's schedulers are plain objects: their attributes), ``train_state``
-  (epoch, step within the epoch, global step, loop counters), ``ranks`` (per rank: the data position
-  and the non-tensor parts of its RNG states), any caller ``extra``, and ``sha256``.
+  (rank 0's :class:`~lavis_ext.runners.loop.LoopState`: epoch, step within the epoch, global step, non-finite
+  counters, loss sum; plus the runner's world size and best validation), ``ranks`` (per rank: the data position,
+  the non-tensor parts of its RNG states and its own ``loop`` state), any caller ``extra``, and ``sha256``.
 
 ``sha256`` is a digest of every tensor (name, dtype, shape, bytes) and every other metadata field,
 computed before the write and checked on every read: a truncated or bit-flipped file raises
@@ -195,7 +196,7 @@ def save_checkpoint(
     its :func:`optimizer_state` (FSDP gathers both on every rank before rank 0 writes).
 
     ``rank_states``: one ``{"rng": capture_rng_state(), "position": {...}, "loop": {...}}`` per rank, in
-    rank order (``loop``: that rank's loop counters, e.g. its epoch loss sum).
+    rank order (``loop``: that rank's ``LoopState.to_dict()``, e.g. its own epoch loss sum).
     ``before_replace(tmp_path)``: called when the temporary file is written, before the rename (fault
     injection in tests).
     """

@@ -639,7 +639,7 @@ def run_recipe(rel: str, out_dir: Path) -> dict:
         "recipe": rel, "evaluate": evaluate, "wall_s": round(wall, 1), "run_dir": str(runner.output_dir),
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "report": report, "reports": reports, "model_keys": sorted(model.state_dict()),
-        "optimizer_steps": steps, "nonfinite_steps": int(getattr(runner.task, "nonfinite_steps", 0)),
+        "optimizer_steps": steps, "nonfinite_steps": runner.loop.state.nonfinite_steps,
         "results": results, "generated": generated,
         "vit": _vit_tensor_check(model, Path(os.environ["TORCH_HOME"]), report),
         "llm": _llm_tensor_check(model, hf_home),

@@ -3,7 +3,10 @@
 Once `lavis_ext` is imported the registry name ``runner_base`` resolves to :class:`RunnerBaseExt`
 (LAVIS's class stays reachable as ``runner_base_lavis``). Each override names what it fixes in
 LAVIS 1.0.2; nothing is copied but the ~40-line epoch loop of ``train`` (LAVIS saves only at the end of
-an epoch and only "best" when there are validation splits, and has no hook between the two).
+an epoch and only "best" when there are validation splits, and has no hook between the two). The steps of
+an epoch are the runner's too: :meth:`RunnerBaseExt.train_epoch` runs :class:`~lavis_ext.runners.loop.TrainLoop`
+(LAVIS hands them to the task's CUDA-only ``train_epoch``), which asks the task for ``train_step`` only and
+keeps the :class:`~lavis_ext.runners.loop.LoopState` that checkpoints record.
 
 Resume, in short (docs/distributed.md has the whole story):
 
@@ -65,6 +68,7 @@ from lavis_ext.checkpoints import (
 from lavis_ext.models.strategies import format_parameter_report
 from lavis_ext.runners import fsdp
 from lavis_ext.runners.loaders import EpochStreamLoader, MixedLoader
+from lavis_ext.runners.loop import LoopState, TrainLoop
 
 from lavis_ext.runners.tracking import RunTracker
 from lavis_ext.precision import resolve_amp_dtype
@@ -182,10 +186,13 @@ class RunnerBaseExt(RunnerBase):
         # made a best checkpoint; the first validation is the best so far
         self.best_agg_metric, self.best_epoch = float("-inf"), 0
         self.tracker = RunTracker(self.output_dir, enabled=is_main_process())
-        if hasattr(task, "attach_run"):
-            task.attach_run(run_cfg=cfg.run_cfg, tracker=self.tracker)
-        if hasattr(task, "attach_step_hook"):
-            task.attach_step_hook(self._on_step)
+        # the training loop (lavis_ext.runners.loop): the task is asked for train_step only
+        self.loop = TrainLoop(cfg.run_cfg, tracker=self.tracker, on_step=self._on_step)
+        # ``hook(global_step, tmp_path)`` when a full-state checkpoint is written, before it replaces anything;
+        # empty in production (tests install them, as LAVIS_EXT_FAULT_INJECT does below)
+        self.save_hooks: list = []
+        if os.environ.get(ext_dist.FAULT_ENV):
+            self._install_fault_injection()
 
     # ---- model / device ----------------------------------------------------------------------
     @property
@@ -476,34 +483,37 @@ class RunnerBaseExt(RunnerBase):
         loader = self.train_loader
         return loader.state_dict() if hasattr(loader, "state_dict") else None
 
-    def save_state(self, epoch: int, step: int, iters_per_epoch: int, loop_state: dict | None = None) -> Path | None:
-        """A full-state checkpoint after ``step`` of ``epoch`` (``step == iters_per_epoch``: the epoch is
-        done). Called on every rank: each contributes its RNG states and data position; rank 0 writes."""
-        per_rank = {"rng": capture_rng_state(), "position": self._train_loader_position(), "loop": loop_state}
+    def save_state(self, state: LoopState) -> Path | None:
+        """A full-state checkpoint at the loop's ``state`` (after step ``state.step`` of ``state.epoch``; a done
+        epoch when that is its last). Called on every rank: each contributes its RNG states, data position and
+        loop state (its own loss sum); rank 0 writes. ``train_state`` is rank 0's :class:`LoopState` plus the
+        runner's own fields (world size, best validation so far)."""
+        per_rank = {"rng": capture_rng_state(), "position": self._train_loader_position(), "loop": state.to_dict()}
         gathered = ext_dist.all_gather_object(per_rank)
-        global_step = epoch * iters_per_epoch + step
-        epoch_done = step >= iters_per_epoch
-        path = self.checkpoint_path(epoch if epoch_done else f"step{global_step}")
+        path = self.checkpoint_path(state.epoch if state.epoch_done else f"step{state.global_step}")
         train_state = {
-            "epoch": epoch, "step": step, "iters_per_epoch": iters_per_epoch, "global_step": global_step,
-            "epoch_done": epoch_done, "world_size": get_world_size(),
+            **state.to_dict(), "world_size": get_world_size(),
             "best_agg_metric": self.best_agg_metric, "best_epoch": self.best_epoch,
-            **(loop_state or {}),
         }
+
+        def before_replace(tmp):
+            for hook in self.save_hooks:
+                hook(state.global_step, tmp)
+
         written = self._write_checkpoint(
             path,
-            epoch=epoch if epoch_done else epoch - 1,  # LAVIS's meaning: the last completed epoch
+            epoch=state.epoch if state.epoch_done else state.epoch - 1,  # LAVIS's meaning: the last completed epoch
             lr_scheduler=self.lr_scheduler,
             train_state=train_state,
             rank_states=gathered,
-            before_replace=lambda tmp: ext_dist.maybe_inject_fault("save", global_step, self.output_dir, tmp),
+            before_replace=before_replace,
         )
         if written is None:  # not rank 0
             return None
         write_latest(self.output_dir, path.name)
         self._prune_step_checkpoints(keep=path)
         logger.info("saved full state at epoch %d step %d/%d (global step %d) to %s",
-                    epoch, step, iters_per_epoch, global_step, path.name)
+                    state.epoch, state.step, state.iters_per_epoch, state.global_step, path.name)
         return path
 
     def _prune_step_checkpoints(self, keep: Path) -> None:
@@ -516,19 +526,26 @@ class RunnerBaseExt(RunnerBase):
             if old != keep:
                 old.unlink(missing_ok=True)
 
-    def _on_step(self, epoch: int, step: int, iters_per_epoch: int, loop_state_fn) -> None:
-        """Called by the training loop after each optimizer step (all ranks)."""
-        global_step = epoch * iters_per_epoch + step
-        ext_dist.maybe_inject_fault("step", global_step, self.output_dir)
+    def _on_step(self, loop: TrainLoop) -> None:
+        """Called by the training loop after each optimizer step (all ranks): step checkpoints every
+        ``run.save_every_steps`` (the epoch's last step is saved by the epoch checkpoint)."""
         every = int(self.config.run_cfg.get("save_every_steps", 0) or 0)
-        if every > 0 and global_step % every == 0 and step < iters_per_epoch:
-            self.save_state(epoch, step, iters_per_epoch, loop_state_fn())
+        state = loop.state
+        if every > 0 and state.global_step % every == 0 and not state.epoch_done:
+            self.save_state(loop.snapshot())
+
+    def _install_fault_injection(self) -> None:
+        """``LAVIS_EXT_FAULT_INJECT`` (tests that SIGKILL real processes, :func:`lavis_ext.dist.maybe_inject_fault`):
+        a loop hook after each optimizer step and a save hook while a checkpoint is written."""
+        run_dir = self.output_dir
+        self.loop.hooks.append(lambda loop: ext_dist.maybe_inject_fault("step", loop.state.global_step, run_dir))
+        self.save_hooks.append(lambda step, tmp: ext_dist.maybe_inject_fault("save", step, run_dir, tmp))
 
     def _load_checkpoint(self, url_or_filename):
         """Resume. LAVIS saves only trainable tensors but loads strictly (RuntimeError: Missing key(s)
         ... "visual_encoder.cls_token"); here the trainable tensors must all be there and nothing else.
-        A full-state checkpoint also restores the scheduler, the loop counters, the data position and
-        this rank's RNG states (see the module docstring); an epoch-only one resumes at the next epoch."""
+        A full-state checkpoint also restores the scheduler, the loop's :class:`LoopState`, the data position
+        and this rank's RNG states (see the module docstring); an epoch-only one resumes at the next epoch."""
         tensors, meta = read_checkpoint(url_or_filename)
         model = self.unwrap_dist_model(self.model)
         apply_trainable(model, tensors, url_or_filename, require_all_trainable=True)
@@ -553,16 +570,16 @@ class RunnerBaseExt(RunnerBase):
         saved_world = int(state.get("world_size", 1))
         entries = meta.get("ranks") or []
         own = entries[get_rank()] if saved_world == get_world_size() and get_rank() < len(entries) else {}
-        if hasattr(self.task, "restore_loop_state"):
-            self.task.restore_loop_state({**state, **(own.get("loop") or {})})  # this rank's own loss sum
-        if state["epoch_done"]:
-            self.start_epoch = state["epoch"] + 1
-            self._pending_validation = state["epoch"]  # it may have been cut short; validation is idempotent
+        restored = LoopState.from_checkpoint(state, own)
+        self.loop.restore(restored)
+        if restored.epoch_done:
+            self.start_epoch = restored.epoch + 1
+            self._pending_validation = restored.epoch  # it may have been cut short; validation is idempotent
         else:
-            self.start_epoch = state["epoch"]
+            self.start_epoch = restored.epoch
             if saved_world != get_world_size():
                 raise ValueError(
-                    f"checkpoint {url_or_filename} is mid-epoch (step {state['step']} of epoch {state['epoch']}) from a "
+                    f"checkpoint {url_or_filename} is mid-epoch (step {restored.step} of epoch {restored.epoch}) from a "
                     f"run of {saved_world} processes; this run has {get_world_size()}. Resume it with {saved_world} "
                     "processes, or resume from an epoch checkpoint (checkpoint_<epoch>.safetensors)"
                 )
@@ -585,8 +602,8 @@ class RunnerBaseExt(RunnerBase):
             logger.warning("checkpoint from %d processes, this run has %d: RNG states and data positions not restored",
                            saved_world, get_world_size())
         logger.info("resumed from %s: %s (global step %d)", url_or_filename,
-                    f"epoch {state['epoch']} done, next epoch {self.start_epoch}" if state["epoch_done"]
-                    else f"epoch {state['epoch']}, continuing after step {state['step']}", state["global_step"])
+                    f"epoch {restored.epoch} done, next epoch {self.start_epoch}" if restored.epoch_done
+                    else f"epoch {restored.epoch}, continuing after step {restored.step}", restored.global_step)
 
     def _resolve_resume_path(self) -> str | None:
         """The checkpoint to resume from. With ``run.resume: auto`` a corrupt file (checksum) is skipped in
@@ -618,7 +635,7 @@ class RunnerBaseExt(RunnerBase):
     def log_stats(self, stats, split_name):
         super().log_stats(stats, split_name)
         if isinstance(stats, dict) and split_name != "train":
-            step = getattr(self.task, "global_step", 0)
+            step = self.loop.state.global_step
             curves = {k: v for k, v in stats.items() if k != "best_epoch"}  # bookkeeping, not a metric
             self.tracker.scalars(split_name, curves, step)
 
@@ -642,6 +659,23 @@ class RunnerBaseExt(RunnerBase):
         finally:
             self.tracker.plot()
             self.tracker.close()
+
+    def train_epoch(self, epoch):
+        """One epoch of :attr:`loop` (LAVIS hands the loop to ``task.train_epoch``, whose loop is CUDA-only);
+        the task is asked for ``train_step`` only."""
+        self.model.train()
+        return self.loop.run_epoch(
+            self.task,
+            epoch=epoch,
+            iters_per_epoch=len(self.train_loader),
+            model=self.model,
+            data_loader=self.train_loader,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            scaler=self.scaler,
+            log_freq=self.log_freq,
+            accum_grad_iters=self.accum_grad_iters,
+        )
 
     def _validate(self, cur_epoch) -> None:
         for split_name in self.valid_splits:
@@ -682,7 +716,7 @@ class RunnerBaseExt(RunnerBase):
                 logger.info("Start training")
                 train_stats = self.train_epoch(cur_epoch)
                 self.log_stats(split_name="train", stats=train_stats)
-                self.save_state(cur_epoch, len(self.train_loader), len(self.train_loader), self._loop_state())
+                self.save_state(self.loop.snapshot())
             self._validate(cur_epoch)
             if self.evaluate_only:
                 break
@@ -691,9 +725,6 @@ class RunnerBaseExt(RunnerBase):
         test_epoch = "best" if len(self.valid_splits) > 0 else min(cur_epoch, self.max_epoch - 1)
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
-
-    def _loop_state(self) -> dict:
-        return self.task.loop_state() if hasattr(self.task, "loop_state") else {}
 
 
 # Projects say `runner: runner_base`; from here on that name means our runner.

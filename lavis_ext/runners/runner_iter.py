@@ -13,8 +13,8 @@ sample ratio) with only these differences:
   length (an endless resampled stream, :mod:`lavis_ext.datasets.wds_stream`, ends a pass every inner
   epoch; a finite one starts its next pass when it runs out, where LAVIS's ``iter(DataLoader)`` stops
   with StopIteration);
-* the loop is the task's ``train_iters`` (LAVIS's entry point for it) with ``start_iters`` of the inner
-  epoch, and the checkpoint at the end of an inner epoch is named by its last iteration,
+* the loop (:class:`~lavis_ext.runners.loop.TrainLoop`, where LAVIS calls the task's ``train_iters``) runs
+  with ``start_iters`` of the inner epoch, and the checkpoint at the end of an inner epoch is named by its last iteration,
   ``checkpoint_<iters>.safetensors``, as LAVIS names its ``.pth``; step checkpoints are
   ``checkpoint_step<iters>``.
 
@@ -102,16 +102,16 @@ class RunnerIterExt(RunnerBaseExt):
         logger.info("training iterations %d-%d of %d (inner epoch %d of %d)",
                     start + 1, start + self.iters_per_inner_epoch, self.max_iters, epoch + 1, self.max_epoch)
         self.model.train()
-        return self.task.train_iters(
+        return self.loop.run_epoch(
+            self.task,
             epoch=epoch,
             start_iters=start,
-            iters_per_inner_epoch=self.iters_per_inner_epoch,
+            iters_per_epoch=self.iters_per_inner_epoch,
             model=self.model,
             data_loader=self.train_loader,
             optimizer=self.optimizer,
             scaler=self.scaler,
             lr_scheduler=self.lr_scheduler,
-            cuda_enabled=self.cuda_enabled,
             log_freq=self.log_freq,
             accum_grad_iters=self.accum_grad_iters,
         )

@@ -3,7 +3,7 @@ held-out validation loss.
 
 LAVIS's ``image_text_pretrain`` runs BaseTask's loop: CUDA-only, fp16-only autocast, no clipping, no
 non-finite guard, and its ``evaluation`` does nothing, so a pretraining run has no validation signal
-(LAVIS#420). Here the loop is :class:`TaskExtMixin`'s and validation reports a loss over the split
+(LAVIS#420). Here the loop is the runner's (:mod:`lavis_ext.runners.loop`) and validation reports a loss over the split
 (``agg_metrics`` is its negative, so the runner's "best" is the lowest loss).
 
 What the validation loss averages. A held-out split of a caption dataset is read as every evaluation

@@ -43,17 +43,26 @@ class Interrupted(Exception):
 
 
 def interrupt_at(monkeypatch, where: str, step: int):
-    """Stop the run in-process where LAVIS_EXT_FAULT_INJECT would SIGKILL it."""
-    real = ext_dist.maybe_inject_fault
+    """Stop the run in-process where LAVIS_EXT_FAULT_INJECT would SIGKILL it: a hook on the runner's loop
+    (``step``: after that optimizer step, before its checkpoint) or on its checkpoint writes (``save``: the
+    temporary file half-written, before the rename). Production runs have neither hook."""
+    real = cli.build_runner
 
-    def fault(w, s, run_dir, tmp_file=None):
-        if (w, s) == (where, step):
+    def stop(at, tmp_file=None):
+        if at == step:
             if tmp_file is not None:
                 Path(tmp_file).write_bytes(Path(tmp_file).read_bytes()[:100])  # a half-written file
             raise Interrupted(f"{where} {step}")
-        return real(w, s, run_dir, tmp_file)
 
-    monkeypatch.setattr(ext_dist, "maybe_inject_fault", fault)
+    def build_runner(*args, **kwargs):
+        runner = real(*args, **kwargs)
+        if where == "step":
+            runner.loop.hooks.append(lambda loop: stop(loop.state.global_step))
+        else:
+            runner.save_hooks.append(stop)
+        return runner
+
+    monkeypatch.setattr(cli, "build_runner", build_runner)
 
 
 def final_state(run_dir: Path, epoch: int = 1) -> dict:

@@ -15,6 +15,7 @@ from lavis_ext import checkpoints as ck
 from lavis_ext.runners import resume
 from lavis_ext.runners import runner_base as rb
 from lavis_ext.runners.loaders import EpochStreamLoader
+from lavis_ext.runners.loop import LoopState
 
 
 def trained(seed=0):
@@ -197,3 +198,41 @@ def test_stream_loader_position_restores_the_exact_next_batch(workers):
         ck.restore_rng_state(rng)
         assert [next(resumed).tolist() for _ in range(9 - cut)] == [b.tolist() for b in ahead[cut:]], cut
     assert reference.state_dict() == {"pass": 1, "batches": 3, "samples": 6, "samples_total": 17}
+
+
+# ---- the loop state ------------------------------------------------------------------------------------
+# Rank 0's train_state and the per-rank loop entries as RunnerBaseExt.save_state wrote them before LoopState
+# existed (commit 44758b8): the task's counters flat in train_state, each rank's counters and loss sum under "loop".
+OLD_MID_EPOCH = {"epoch": 1, "step": 3, "iters_per_epoch": 8, "global_step": 11, "epoch_done": False, "world_size": 2,
+                 "best_agg_metric": 0.5, "best_epoch": 0, "nonfinite_steps": 2, "nonfinite_in_row": 1, "loss_sum": 7.5}
+OLD_RANKS = [{"position": {"pass": 0, "batches": 11}, "loop": {"nonfinite_steps": 2, "nonfinite_in_row": 1, "loss_sum": 7.5}},
+             {"position": {"pass": 0, "batches": 11}, "loop": {"nonfinite_steps": 2, "nonfinite_in_row": 1, "loss_sum": 6.25}}]
+OLD_EPOCH_END = {"epoch": 1, "step": 8, "iters_per_epoch": 8, "global_step": 16, "epoch_done": True, "world_size": 1,
+                 "best_agg_metric": 0.5, "best_epoch": 0, "nonfinite_steps": 2, "nonfinite_in_row": 0}  # no loss sum
+
+
+def test_checkpoints_written_before_loop_state_resume_the_same(tmp_path):
+    model, optimizer = trained()
+    path = ck.save_checkpoint(tmp_path / "old.safetensors", model, optimizer=optimizer, epoch=0, train_state=OLD_MID_EPOCH,
+                              rank_states=[{"rng": ck.capture_rng_state(), **entry} for entry in OLD_RANKS])
+    _, meta = ck.read_checkpoint(path)
+    rank0, rank1 = (LoopState.from_checkpoint(meta["train_state"], entry) for entry in meta["ranks"])
+    assert rank1 == LoopState(epoch=1, step=3, iters_per_epoch=8, global_step=11, nonfinite_steps=2,
+                              nonfinite_in_row=1, loss_sum=6.25)  # its own loss sum
+    assert rank0.loss_sum == 7.5 and not rank0.epoch_done
+    done = LoopState.from_checkpoint(OLD_EPOCH_END, {"loop": {"nonfinite_steps": 2, "nonfinite_in_row": 0}})
+    assert done.epoch_done and (done.epoch, done.global_step, done.loss_sum) == (1, 16, 0.0)
+    assert LoopState.from_checkpoint(OLD_EPOCH_END, None) == done  # a rank of another world size: train_state alone
+
+
+def test_loop_state_round_trips_and_keeps_the_keys_readers_use(tmp_path):
+    state = LoopState(epoch=2, step=5, iters_per_epoch=8, global_step=21, nonfinite_steps=1, loss_sum=3.125)
+    model, optimizer = trained()
+    path = ck.save_checkpoint(tmp_path / "c.safetensors", model, optimizer=optimizer, epoch=1,
+                              train_state={**state.to_dict(), "world_size": 1},
+                              rank_states=[{"rng": ck.capture_rng_state(), "loop": state.to_dict()}])
+    _, meta = ck.read_checkpoint(path)
+    assert LoopState.from_checkpoint(meta["train_state"], meta["ranks"][0]) == state
+    # what checkpoints carried before LoopState is still there (resume_candidates sorts by global_step)
+    assert set(OLD_MID_EPOCH) - {"best_agg_metric", "best_epoch"} <= set(meta["train_state"])
+    assert meta["train_state"]["epoch_done"] is False

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from tiny_models import SometimesNaN
 
 from lavis_ext.models.llm_specs import OPT
+from lavis_ext.runners.loop import TrainLoop
 from lavis_ext.tasks.captioning import CaptionTaskExt
 
 
@@ -22,11 +23,11 @@ def run_loop(flags, accum=1, max_grad_norm=1.0):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
     task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
-    task.attach_run(OmegaConf.create({"max_nonfinite_in_row": 5, "max_grad_norm": max_grad_norm}), tracker=None)
+    loop = TrainLoop(OmegaConf.create({"max_nonfinite_in_row": 5, "max_grad_norm": max_grad_norm}))
     loader = iter([{"x": torch.ones(1), "bad": bad} for bad in flags])
-    stats = task._train_inner_loop(0, len(flags), model, loader, optimizer, scheduler, log_freq=100,
-                                   accum_grad_iters=accum)
-    return model, task, stats
+    stats = loop.run_epoch(task, 0, len(flags), model, loader, optimizer, scheduler, log_freq=100,
+                           accum_grad_iters=accum)
+    return model, loop.state, stats
 
 
 @pytest.fixture
@@ -58,9 +59,9 @@ def test_accumulation_reads_once_per_window(host_reads):
 
 
 def test_a_nonfinite_loss_skips_its_whole_accumulation_window_once():
-    model, task, stats = run_loop([True, False, False, False], accum=2)
-    assert task.nonfinite_steps == 1 and stats["nonfinite_steps"] == 1
-    assert task.nonfinite_in_row == 0  # the second window stepped
+    model, state, stats = run_loop([True, False, False, False], accum=2)
+    assert state.nonfinite_steps == 1 and stats["nonfinite_steps"] == 1
+    assert state.nonfinite_in_row == 0  # the second window stepped
     # one SGD step on the mean of two w^2 gradients (2w/2 each, clipped to norm 1): w = 1 - 0.1 * 1
     assert model.weight.item() == pytest.approx(0.9)
     assert math.isfinite(float(stats["loss"]))
@@ -75,10 +76,10 @@ def test_nonfinite_gradient_norm_is_named_and_skipped(caplog):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
     task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
-    task.attach_run(OmegaConf.create({"max_grad_norm": 1.0}), tracker=None)
+    loop = TrainLoop(OmegaConf.create({"max_grad_norm": 1.0}))
     with caplog.at_level("WARNING"):
-        task._train_inner_loop(0, 1, model, iter([{"x": torch.ones(1), "bad": True}]), optimizer, scheduler)
-    assert task.nonfinite_steps == 1 and model.weight.item() == 1.0
+        loop.run_epoch(task, 0, 1, model, iter([{"x": torch.ones(1), "bad": True}]), optimizer, scheduler)
+    assert loop.state.nonfinite_steps == 1 and model.weight.item() == 1.0
     assert "non-finite gradient norm" in caplog.text
 
 

@@ -56,7 +56,7 @@ def by_hand(model, loader, seed: int) -> tuple[float, int]:
 
 def validate(model, loader, seed: int = 7) -> dict:
     task = PretrainTaskExt()
-    task.attach_run(OmegaConf.create({"seed": seed}), tracker=None)
+    task.run_cfg = OmegaConf.create({"seed": seed})  # as build_model keeps it
     task.before_evaluation(model, loader.dataset)
     return task.after_evaluation(task.evaluation(model, loader), "val", 0)
 

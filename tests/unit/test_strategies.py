@@ -12,6 +12,7 @@ from tiny_models import SometimesNaN, images, tiny_model
 
 from lavis_ext.checkpoints import load_trainable, read_checkpoint, save_checkpoint
 from lavis_ext.models.strategies import format_parameter_report, merge_lora, parameter_report
+from lavis_ext.runners.loop import TrainLoop
 from lavis_ext.tasks.captioning import CaptionTaskExt
 
 CAPTIONS = ["a photo of a red circle left of a blue square", "a photo of a green star above a cross"]
@@ -189,15 +190,15 @@ def run_loop(flags, max_in_row=3):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
     task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
-    task.attach_run(OmegaConf.create({"max_nonfinite_in_row": max_in_row, "max_grad_norm": 1.0}), tracker=None)
+    loop = TrainLoop(OmegaConf.create({"max_nonfinite_in_row": max_in_row, "max_grad_norm": 1.0}))
     loader = iter([{"x": torch.ones(1), "bad": bad} for bad in flags])
-    stats = task._train_inner_loop(0, len(flags), model, loader, optimizer, scheduler, log_freq=100)
-    return model, task, stats
+    stats = loop.run_epoch(task, 0, len(flags), model, loader, optimizer, scheduler, log_freq=100)
+    return model, loop.state, stats
 
 
 def test_nonfinite_losses_skip_the_update_and_are_counted():
-    model, task, stats = run_loop([True, False, True, True, False])
-    assert task.nonfinite_steps == 3 and stats["nonfinite_steps"] == 3
+    model, state, stats = run_loop([True, False, True, True, False])
+    assert state.nonfinite_steps == 3 and stats["nonfinite_steps"] == 3
     assert math.isfinite(float(stats["loss"]))
     # two good SGD steps on w^2 from w=1 with lr 0.1, gradient clipped to norm 1: 1 -> 0.9 -> 0.8
     assert model.weight.item() == pytest.approx(0.8)
