@@ -11,8 +11,8 @@ non-CPU device. Nested inside the run's autocast it overrode ``run.amp_dtype: bf
   half, and autocasting them to another dtype would re-round every weight on every op (:func:`block_autocast`);
 - every other block computes in the run's dtype: it adds no autocast of its own.
 
-The models ask :func:`block_autocast` through their ``maybe_autocast`` (``models/components.py``); the tasks
-ask :func:`run_autocast`; the runner asks :func:`resolve_amp_dtype` whether a loss scaler is needed; FSDP and
+The models ask :func:`block_autocast` through their ``maybe_autocast`` (``models/components.py``); the training
+loop (``runners/loop.py``) and the tasks' evaluation ask :func:`run_autocast`; the runner asks :func:`resolve_amp_dtype` whether a loss scaler is needed; FSDP and
 the model builders read dtype names through :func:`parse_dtype`.
 """
 from __future__ import annotations
