@@ -23,4 +23,5 @@ def register() -> None:
     compat.apply()
     from lavis_ext import datasets, models, runners, tasks  # noqa: F401  (registration by import)
 
+    runners.bind_lavis_runner_names()  # `runner: runner_base` in a project means RunnerBaseExt
     _registered = True

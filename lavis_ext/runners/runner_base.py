@@ -1,6 +1,6 @@
 """`runner_base`, fixed for CPU, webdataset splits with a known length, and exact resume.
 
-Once `lavis_ext` is imported the registry name ``runner_base`` resolves to :class:`RunnerBaseExt`
+After `lavis_ext.register()` the registry name ``runner_base`` resolves to :class:`RunnerBaseExt`
 (LAVIS's class stays reachable as ``runner_base_lavis``). Each override names what it fixes in
 LAVIS 1.0.2; nothing is copied but the ~40-line epoch loop of ``train`` (LAVIS saves only at the end of
 an epoch and only "best" when there are validation splits, and has no hook between the two). The steps of
@@ -725,8 +725,3 @@ class RunnerBaseExt(RunnerBase):
         test_epoch = "best" if len(self.valid_splits) > 0 else min(cur_epoch, self.max_epoch - 1)
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
-
-
-# Projects say `runner: runner_base`; from here on that name means our runner.
-registry.mapping["runner_name_mapping"]["runner_base_lavis"] = RunnerBase
-registry.mapping["runner_name_mapping"]["runner_base"] = RunnerBaseExt

@@ -1,6 +1,6 @@
 """`runner_iter`: training counted in iterations (``run.max_iters``), for endless webdataset streams.
 
-Once `lavis_ext` is imported the registry name ``runner_iter`` resolves to :class:`RunnerIterExt`
+After `lavis_ext.register()` the registry name ``runner_iter`` resolves to :class:`RunnerIterExt`
 (LAVIS's class stays reachable as ``runner_iter_lavis``). LAVIS's RunnerIter treats every
 ``iters_per_inner_epoch`` iterations as an *inner epoch*: the LR schedule counts inner epochs
 (``max_epoch = max_iters / iters_per_inner_epoch``, warm-up in the first), and each inner epoch ends with
@@ -115,8 +115,3 @@ class RunnerIterExt(RunnerBaseExt):
             log_freq=self.log_freq,
             accum_grad_iters=self.accum_grad_iters,
         )
-
-
-# Projects say `runner: runner_iter`; from here on that name means our runner.
-registry.mapping["runner_name_mapping"]["runner_iter_lavis"] = RunnerIter
-registry.mapping["runner_name_mapping"]["runner_iter"] = RunnerIterExt

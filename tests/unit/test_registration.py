@@ -108,3 +108,14 @@ def test_model_type_option_loads_that_types_defaults():
     assert model.opt_model == "facebook/opt-2.7b" and model.image_size == 224 and "vit_config" not in model
     plain = project_config(Namespace(cfg_path=str(REPO_PROJECT), options=None)).model_cfg
     assert plain.model_type == "tiny" and plain.vit_model == "tiny"
+
+
+def test_importing_the_runners_changes_no_lavis_name_until_register():
+    """LAVIS's `runner_base` means our runner only once `register()` binds it (not as an import side effect)."""
+    assert fresh_python(
+        "import lavis_ext.runners",
+        "from lavis.common.registry import registry",
+        "before = registry.get_runner_class('runner_base').__name__",
+        "lavis_ext.register()",
+        "print(before, registry.get_runner_class('runner_base').__name__, registry.get_runner_class('runner_iter').__name__)",
+    ) == "RunnerBase RunnerBaseExt RunnerIterExt"
