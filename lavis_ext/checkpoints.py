@@ -58,15 +58,11 @@ class CheckpointCorruptError(ValueError):
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train, by their ``state_dict`` names; whole tensors also under FSDP (then a
     collective that every rank must call, see :mod:`lavis_ext.runners.fsdp`)."""
-    from lavis_ext.runners.fsdp import full
-
     return {name: full(param.detach()) for name, param in model.named_parameters() if param.requires_grad}
 
 
 def optimizer_state(optimizer) -> dict:
     """``optimizer.state_dict()`` with whole tensors (gathered under FSDP: every rank must call it)."""
-    from lavis_ext.runners.fsdp import full
-
     state = optimizer.state_dict()
     return {
         "state": {index: {key: full(value) if torch.is_tensor(value) else value for key, value in entry.items()}
@@ -341,8 +337,6 @@ def _model_state(tensors):
 
 def apply_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], path="checkpoint", require_all_trainable: bool = True) -> int:
     """Load a read checkpoint's model tensors (see :func:`load_trainable`). Returns how many."""
-    from lavis_ext.runners.fsdp import is_sharded, local_part
-
     state = _model_state(tensors)
     params = dict(model.named_parameters())
     state = {k: local_part(v, params[k]) if k in params and is_sharded(params[k]) else v for k, v in state.items()}
@@ -412,8 +406,6 @@ def apply_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict, pat
 
 def _shard_like_params(optimizer, state: dict[int, dict]) -> None:
     """Under FSDP, keep this rank's shard of each whole per-parameter state tensor (moments)."""
-    from lavis_ext.runners.fsdp import is_sharded, local_part
-
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, entry in state.items():
         param = params[index] if index < len(params) else None
@@ -467,3 +459,42 @@ def first_valid(candidates: list[Path]) -> tuple[Path | None, list[str]]:
         except (CheckpointCorruptError, ValueError, OSError) as error:
             skipped.append(f"{path}: {error}")
     return None, skipped
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory -> its best (else latest) checkpoint."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        best = path / "checkpoint_best.safetensors"
+        if best.is_file():
+            return best
+        latest = read_latest(path)
+        if latest is not None and latest.is_file():
+            return latest
+        runs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "checkpoint_best.safetensors").is_file())
+        if runs:  # an output_dir holding job folders: the newest job
+            return runs[-1] / "checkpoint_best.safetensors"
+        raise FileNotFoundError(f"{path} holds no checkpoint_best.safetensors nor a 'latest' pointer; train first or name a file")
+    raise FileNotFoundError(f"checkpoint or run directory {str(path)!r} does not exist")
+
+
+# ---- full tensors of FSDP2 shards (DTensor), for checkpoints --------------------------------------------------------------------
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (a collective: every rank must call it, in the same order)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local_part(full_tensor: torch.Tensor, like) -> torch.Tensor:
+    """This rank's shard of ``full_tensor``, laid out as the sharded ``like`` (no communication: every
+    rank has read the full tensor from the checkpoint)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full_tensor.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)

@@ -23,6 +23,8 @@ lavis_ext.register()  # the entry point: shims + registration before anything LA
 from lavis.common.dist_utils import get_rank, is_main_process
 
 from lavis_ext import dist as ext_dist
+from lavis_ext.checkpoints import resolve_checkpoint
+from lavis_ext.config import load_config
 
 logger = logging.getLogger("lavis_ext")
 
@@ -40,39 +42,14 @@ def parse_args(argv=None, description="lavis-ext", checkpoint=False):
         parser.add_argument(
             "--checkpoint",
             default=None,
-            help="a checkpoint or run directory to evaluate (resolved by lavis_ext.inference: best, else latest); "
+            help="a checkpoint or run directory to evaluate (lavis_ext.checkpoints.resolve_checkpoint: best, else latest); "
             "the same as --options model.load_finetuned=True model.finetuned=FILE",
         )
     args = parser.parse_args(argv)
     if getattr(args, "checkpoint", None):
-        from lavis_ext.inference import resolve_checkpoint
-
         path = resolve_checkpoint(args.checkpoint)
         args.options = [*(args.options or []), "model.load_finetuned=True", f"model.finetuned={path}"]
     return args
-
-
-def load_config(args):
-    """The project's ``custom_imports``, the strict names check on the raw YAML, LAVIS's 3-level merge, then
-    the strict keys check."""
-    from omegaconf import OmegaConf
-
-    from lavis_ext import custom_imports
-    from lavis_ext.config import check_keys, check_names, load_project_yaml, project_config
-
-    cfg_path = Path(args.cfg_path)
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} does not exist")
-    raw = OmegaConf.merge(load_project_yaml(cfg_path), OmegaConf.from_dotlist(list(args.options or [])))
-    custom = raw.get(custom_imports.KEY)
-    custom_imports.import_custom_modules(custom, cfg_path.parent)  # before the names check: they register names
-    check_names(raw)
-    cfg = project_config(args)
-    check_keys(cfg)
-    if custom:  # kept in the run's saved config, so a checkpoint loads with the same modules
-        cfg.config[custom_imports.KEY] = list(custom) if not isinstance(custom, str) else [custom]
-        cfg.config[custom_imports.DIR_KEY] = str(cfg_path.parent.resolve())
-    return cfg
 
 
 def setup_seeds(seed: int) -> None:

@@ -9,13 +9,16 @@ closest valid ones.
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Iterable
 
 from lavis_ext import compat
 
 compat.apply()  # LAVIS cannot be imported before its shims
 from lavis.common.registry import registry  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
+from lavis_ext import custom_imports  # noqa: E402
 from lavis_ext.project_files import load_project_yaml  # noqa: E402,F401  (re-exported: the one reader)
 
 
@@ -73,7 +76,6 @@ def project_config(args):
     "model.model_type" in the nested options and never finds it, so it silently merged the project's
     own type's defaults under the override."""
     from lavis.common.config import Config
-    from omegaconf import OmegaConf
 
     project = load_project_yaml(args.cfg_path)
 
@@ -170,3 +172,22 @@ def check_keys(cfg) -> None:
         for key in dcfg:
             if key not in DATASET_KEYS:
                 _fail("dataset key", key, DATASET_KEYS, f"datasets.{name}.{key}")
+
+
+def load_config(args):
+    """A project file as ``train.py`` loads it (``args``: ``cfg_path`` and ``options``, as parsed by the CLI):
+    the project's ``custom_imports``, the strict names check on the raw YAML, LAVIS's 3-level merge, then the
+    strict keys check."""
+    cfg_path = Path(args.cfg_path)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} does not exist")
+    raw = OmegaConf.merge(load_project_yaml(cfg_path), OmegaConf.from_dotlist(list(args.options or [])))
+    custom = raw.get(custom_imports.KEY)
+    custom_imports.import_custom_modules(custom, cfg_path.parent)  # before the names check: they register names
+    check_names(raw)
+    cfg = project_config(args)
+    check_keys(cfg)
+    if custom:  # kept in the run's saved config, so a checkpoint loads with the same modules
+        cfg.config[custom_imports.KEY] = list(custom) if not isinstance(custom, str) else [custom]
+        cfg.config[custom_imports.DIR_KEY] = str(cfg_path.parent.resolve())
+    return cfg

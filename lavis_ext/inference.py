@@ -27,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 import lavis_ext
 
 lavis_ext.register()  # an entry point of its own (server, apps, scripts): shims + registration
+from lavis_ext.checkpoints import load_trainable, read_metadata, resolve_checkpoint
+from lavis_ext.config import load_config
 from lavis_ext.custom_imports import DIR_KEY as CUSTOM_DIR_KEY
 from lavis_ext.custom_imports import KEY as CUSTOM_KEY
 from lavis_ext.custom_imports import import_custom_modules
@@ -208,31 +210,8 @@ class Blip2Predictor:
 
 
 # ---- loading --------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory -> its best (else latest) checkpoint."""
-    from lavis_ext.checkpoints import read_latest
-
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        best = path / "checkpoint_best.safetensors"
-        if best.is_file():
-            return best
-        latest = read_latest(path)
-        if latest is not None and latest.is_file():
-            return latest
-        runs = sorted(p for p in path.iterdir() if p.is_dir() and (p / "checkpoint_best.safetensors").is_file())
-        if runs:  # an output_dir holding job folders: the newest job
-            return runs[-1] / "checkpoint_best.safetensors"
-        raise FileNotFoundError(f"{path} holds no checkpoint_best.safetensors nor a 'latest' pointer; train first or name a file")
-    raise FileNotFoundError(f"checkpoint or run directory {str(path)!r} does not exist")
-
-
 def checkpoint_config(path: str | Path) -> DictConfig:
     """The resolved run config stored in one of our checkpoints."""
-    from lavis_ext.checkpoints import read_metadata
-
     meta = read_metadata(path)
     config = meta.get("config")
     if isinstance(config, str):
@@ -247,8 +226,6 @@ def checkpoint_config(path: str | Path) -> DictConfig:
 
 def project_file_config(cfg_path: str | Path, options: Iterable[str] = ()) -> DictConfig:
     """A project YAML resolved as `train.py` does (model defaults < file < options), strictly checked."""
-    from lavis_ext.cli import load_config
-
     cfg = load_config(argparse.Namespace(cfg_path=str(cfg_path), options=list(options) or None))
     return cfg.config
 
@@ -284,8 +261,6 @@ def load(source: str | Path | None = None, *, cfg_path: str | Path | None = None
         )
     model = model_cls.from_config(model_cfg)
     if checkpoint is not None:
-        from lavis_ext.checkpoints import load_trainable
-
         load_trainable(model, checkpoint, require_all_trainable=False)
     elif config.model.get("load_finetuned") and config.model.get("finetuned"):
         model.load_checkpoint(config.model.finetuned)

@@ -254,8 +254,8 @@ def build_on_meta(model_cfg) -> nn.Module:
 
 
 def load_project(cfg_path: str | os.PathLike, options: list[str] | None = None):
-    """A project YAML through the same strict loading as ``train.py`` (:func:`lavis_ext.cli.load_config`)."""
-    from lavis_ext.cli import load_config
+    """A project YAML through the same strict loading as ``train.py`` (:func:`lavis_ext.config.load_config`)."""
+    from lavis_ext.config import load_config
 
     return load_config(argparse.Namespace(cfg_path=str(cfg_path), options=list(options or [])))
 

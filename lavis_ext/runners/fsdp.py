@@ -95,23 +95,3 @@ def shard(model: nn.Module, run_cfg, device: torch.device) -> nn.Module:
     logger.info("FSDP over %d ranks: %d block units + the root, compute dtype %s", world, len(blocks),
                 compute or torch.float32)
     return model
-
-
-# ---- full tensors for checkpoints --------------------------------------------------------------------
-def is_sharded(tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a shard (a collective: every rank must call it, in the same order)."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
-
-
-def local_part(full_tensor: torch.Tensor, like) -> torch.Tensor:
-    """This rank's shard of ``full_tensor``, laid out as the sharded ``like`` (no communication: every
-    rank has read the full tensor from the checkpoint)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full_tensor.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
