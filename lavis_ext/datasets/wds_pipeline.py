@@ -20,6 +20,13 @@ Text. Captions come from the first of these that holds a non-empty caption: the 
 ``txt`` member (img2dataset writes both of the last two, with the same text). A caption sample needs
 no ``json`` when it has a ``txt``. Questions come only from ``json["questions"]``.
 
+Decode once. An image with several units (five captions, or several questions) used to be decoded once per
+unit, 5x per epoch. Its units now share the decoded image: the first one to leave the shuffle buffer
+decodes it, the others get copies of it, the last one frees it. The samples are the same pixels in the same
+order (decoding is deterministic and each unit's processor call happens as before, so random crops draw the
+same numbers); only the memory differs, bounded per reader by ``decode_cache_mb`` (default 128: about 290
+decoded 384 px images; beyond it, images are decoded again as before; 0 turns the cache off).
+
 Splitting. Readers are ``world_size x num_workers`` (rank-major). With ``split_by="shard"`` reader
 ``k`` reads shards ``k, k + readers, ...``; with ``"sample"`` every reader opens every shard and keeps
 every ``readers``-th tar sample (exactly once, at the cost of reading the bytes ``readers`` times);
@@ -92,6 +99,8 @@ __all__ = [
 MODES = {"caption_train": "captions", "caption_eval": "images", "vqa_train": "questions", "vqa_eval": "questions"}
 SPLIT_POLICIES = ("auto", "shard", "sample")
 DEFAULT_VQA_PROMPT = "Question: {} Short answer:"
+#: decoded images held for the later units of their sample, per reader (module docstring: "Decode once")
+DEFAULT_DECODE_CACHE_MB = 128
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # http:, https:, pipe:, s3:, gs:, ... (not C:)
 
@@ -293,6 +302,8 @@ class WdsSplitDataset(wds.DataPipeline):
         shard_samples: ``{url: tar samples}`` for shards whose count is known (sizes.json), so tar damage
             reports exactly how many samples it cost; local shards with an img2dataset ``_stats.json``
             beside them are looked up too.
+        decode_cache_mb: decoded images kept for the other units of their sample (module docstring: "Decode
+            once"), at most this many MB per reader; 0 decodes every unit's image again.
 
     Raises:
         ValueError: unknown mode, split or bad-record policy, a prompt without ``{}``, a bad rank/world pair.
@@ -317,6 +328,7 @@ class WdsSplitDataset(wds.DataPipeline):
         name: str | None = None,
         on_bad_record: str | None = None,
         shard_samples: dict | None = None,
+        decode_cache_mb: float = DEFAULT_DECODE_CACHE_MB,
     ):
         super().__init__()
         _unit(mode)
@@ -330,6 +342,8 @@ class WdsSplitDataset(wds.DataPipeline):
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if length is not None and int(length) < 0:
             raise ValueError(f"length {length} is negative")
+        if not float(decode_cache_mb) >= 0:
+            raise ValueError(f"decode_cache_mb={decode_cache_mb!r} must be >= 0 (0 turns the decoded-image cache off)")
         self.urls = expand_shards(urls, root)
         self.mode = mode
         self.vis_processor = vis_processor
@@ -347,6 +361,7 @@ class WdsSplitDataset(wds.DataPipeline):
         self.on_bad_record = resolve_policy(on_bad_record, f"{where}.on_bad_record")
         self._policy_name = where
         self.shard_samples = _shard_counts(self.urls, shard_samples)
+        self.decode_cache_bytes = int(float(decode_cache_mb) * 2**20)
         self.last_pass_units: int | None = None
         self.epoch = 0
         self.skipped: Counter = Counter()
@@ -451,10 +466,15 @@ class WdsSplitDataset(wds.DataPipeline):
         self._warned = 0
         yielded = dropped = 0
         exhausted = False
+        budget = [self.decode_cache_bytes]  # bytes of decoded images this pass may still hold
         try:
             for unit in src:
                 try:
-                    image = decode_image(unit["image_bytes"])  # truncated files raise; 16-bit is scaled
+                    shared = unit.get("decoded")
+                    if shared is None:
+                        image = decode_image(unit["image_bytes"])  # truncated files raise; 16-bit is scaled
+                    else:
+                        image = shared.get(unit["image_bytes"], budget)
                 except Exception as exn:  # PIL raises many types for bad bytes
                     dropped += 1
                     self._skip("corrupt_image", unit["__key__"], unit["__url__"], f"{type(exn).__name__}: {exn}")
@@ -480,11 +500,14 @@ class WdsSplitDataset(wds.DataPipeline):
         base, items, partial = parsed
         if partial:
             self._skip("partial_text", key, url, partial, drop=False)
+        if self.mode == "caption_eval":
+            yield {**base, "captions": items}
+            return
+        if len(items) > 1 and self.decode_cache_bytes > 0:
+            base["decoded"] = _Decoded(len(items))  # shared by the units: the image is decoded once
         if self.mode == "caption_train":
             for caption in items:
                 yield {**base, "caption": caption}
-        elif self.mode == "caption_eval":
-            yield {**base, "captions": items}
         else:
             for j, q in enumerate(items):
                 yield {**base, "question": q, "question_id": str(q.get("question_id", f"{key}-q{j}"))}
@@ -624,6 +647,44 @@ class WdsSplitDataset(wds.DataPipeline):
             "%s: pass done on rank %d/%d worker %d/%d (epoch %d): skipped %s",
             self.name, r.rank, r.world, r.worker, r.num_workers, self.epoch, dict(sorted(self.skipped.items())),
         )
+
+
+class _Decoded:
+    """The decoded image of one tar sample, shared by its units (captions or questions) while they wait in the
+    shuffle buffer: decoded by the first unit that reaches :meth:`get`, handed to the others as copies (so a
+    processor that changes its input in place cannot reach a later unit), and dropped after the last one."""
+
+    __slots__ = ("left", "image", "error", "nbytes")
+
+    def __init__(self, units: int):
+        self.left = units
+        self.image = None
+        self.error: Exception | None = None
+        self.nbytes = 0
+
+    def get(self, data: bytes, budget: list[int]):
+        """The image for one unit; ``budget[0]``: bytes the pass may still hold (taken and given back here)."""
+        self.left -= 1
+        if self.error is not None:
+            raise self.error  # the same bytes fail the same way: not decoded again
+        if self.image is not None:
+            image = self.image
+            if self.left > 0:
+                return image.copy()
+            self.image = None  # the last unit takes the cached image itself
+            budget[0] += self.nbytes
+            return image
+        try:
+            image = decode_image(data)
+        except Exception as exn:
+            self.error = exn
+            raise
+        nbytes = image.width * image.height * len(image.getbands())
+        if self.left > 0 and nbytes <= budget[0]:
+            self.image, self.nbytes = image, nbytes
+            budget[0] -= nbytes
+            return image.copy()
+        return image  # over the budget: later units decode again (same pixels, only slower)
 
 
 def _entries(sample: dict) -> list[str]:

@@ -274,3 +274,58 @@ def test_builder_errors_name_the_fix(root, tmp_path):
     cfg.build_info.shard = "x"
     with pytest.raises(ValueError, match="'shard'.*did you mean 'shards'"):
         cls(cfg).build_datasets()
+
+
+class _DrawsOnItsInput:
+    """A processor that changes its input image in place, then draws a random crop (torch's RNG)."""
+
+    def __init__(self):
+        from lavis.processors.blip_processors import Blip2ImageTrainProcessor
+
+        self.train = Blip2ImageTrainProcessor(image_size=32, min_scale=0.3)
+
+    def __call__(self, image):
+        from PIL import ImageDraw
+
+        ImageDraw.Draw(image).rectangle((0, 0, 20, 20), fill=(255, 0, 0))
+        return self.train(image)
+
+
+@pytest.mark.parametrize("mode", ["caption_train", "vqa_train"])
+def test_each_image_is_decoded_once_per_pass_and_the_samples_are_identical(root, monkeypatch, mode):
+    from lavis_ext.datasets import wds_pipeline
+
+    decoded = Counter()
+    real = wds_pipeline.decode_image
+
+    def counting(data):
+        decoded["calls"] += 1
+        return real(data)
+
+    monkeypatch.setattr(wds_pipeline, "decode_image", counting)
+    images = sum(1 for _ in _dataset(root, "train", "caption_eval", vis_processor=None))
+    decoded.clear()
+    passes = {}
+    for cache_mb in (128, 0.02, 0):  # on; a budget of ~6 decoded 64 px images; off (the old behaviour)
+        torch.manual_seed(0)
+        passes[cache_mb] = list(_dataset(root, "train", mode, shuffle_buffer=40, seed=1, decode_cache_mb=cache_mb,
+                                         vis_processor=_DrawsOnItsInput()))
+        passes[cache_mb, "decoded"] = decoded.pop("calls")
+    units = len(passes[0])
+    assert units > 2 * images  # several captions / questions per image
+    assert passes[128, "decoded"] == images and passes[0, "decoded"] == units
+    assert images < passes[0.02, "decoded"] < units  # over the budget: decoded again, never wrong
+    for cache_mb in (128, 0.02):
+        for a, b in zip(passes[cache_mb], passes[0], strict=True):
+            assert a.keys() == b.keys() and torch.equal(a["image"], b["image"])
+            assert all(a[k] == b[k] for k in a if k != "image")
+
+
+def test_a_corrupt_image_is_decoded_once_and_skipped_for_every_unit(tmp_path):
+    entries = [("bad.jpg", b"garbage"), ("bad.json", _caption_json("bad")), ("ok.jpg", _jpeg()),
+               ("ok.json", _caption_json("ok"))]
+    _write_tar(tmp_path / "s.tar", entries)
+    ds = WdsSplitDataset(str(tmp_path / "s.tar"), "caption_train", vis_processor=VIS)
+    assert [s["image_id"] for s in ds] == ["ok", "ok"] and dict(ds.skipped) == {"corrupt_image": 1}
+    with pytest.raises(ValueError, match="decode_cache_mb=-1 must be >= 0"):
+        WdsSplitDataset(str(tmp_path / "s.tar"), "caption_train", decode_cache_mb=-1)
