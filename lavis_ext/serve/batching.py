@@ -8,10 +8,12 @@ and runs each group through the predictor's batch API (``caption`` / ``answer`` 
 one worker thread. The event loop never runs model code, so uploads, health checks and new requests keep
 flowing while a batch is computing, and they pile up into the next batch.
 
-The wait is adaptive: a new batch waits for company only while requests usually arrive to find other
-requests in flight (an exponential average of that count, :meth:`MicroBatcher.wait_for_company`). A lone
-client sending one request after another, or sparse traffic, gets no wait at all, so one client is never
-slower than an unbatched server; under concurrent load the batch fills as before.
+The wait is adaptive (:meth:`MicroBatcher.wait_for_company`): a new batch waits for company only when
+other jobs are queued or being computed right now, or when the previous batch had company (clients whose
+answers arrive together send their next requests a moment apart). A lone client sending one request after
+another, or sparse traffic, gets no wait at all, so one client is never slower than an unbatched server;
+after a burst ends, one batch at most waits. (An average of the company seen at arrival, the previous rule,
+took ~15 lone requests to forget a burst of 32 clients, each held ``max_wait_ms``.)
 
 One worker thread by default: on a GPU, or on a CPU where torch's intra-op threads already use every
 core, a second concurrent forward pass only competes for the same hardware. For small models on a CPU,
@@ -66,6 +68,7 @@ class BatchStats:
     jobs: int = 0
     batches: int = 0
     failed_batches: int = 0
+    waited: int = 0  # batches that waited for company (the rest started at once)
     batch_sizes: Counter = field(default_factory=Counter)
 
     def record(self, size: int, ok: bool) -> None:
@@ -80,6 +83,7 @@ class BatchStats:
             "jobs": self.jobs,
             "batches": self.batches,
             "failed_batches": self.failed_batches,
+            "batches_waited": self.waited,
             "mean_batch_size": round(self.jobs / self.batches, 3) if self.batches else 0.0,
             "max_batch_size": max(self.batch_sizes, default=0),
             "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
@@ -115,7 +119,7 @@ class MicroBatcher:
         self.workers = int(workers)
         self.stats = BatchStats()
         self._in_flight = 0  # jobs submitted and not yet answered
-        self._mean_company = 0.0  # average of _in_flight seen by each new request (other requests' jobs)
+        self._last_batch = 0  # size of the batch collected last
         self._queue: asyncio.Queue | None = None
         self._collector: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -196,7 +200,6 @@ class MicroBatcher:
             )
         loop = asyncio.get_running_loop()
         jobs = [_Job(task, image, text, decoding, loop.create_future()) for image, text in zip(images, texts)]
-        self._note_arrival()
         for job in jobs:
             self._in_flight += 1
             job.future.add_done_callback(self._job_done)
@@ -209,21 +212,14 @@ class MicroBatcher:
             raise
 
     # ---- adaptive wait --------------------------------------------------------------------------
-    #: weight of the newest request in the average: about the last 4 requests decide
-    COMPANY_SMOOTHING = 0.25
-    #: average company above which waiting pays: most requests find another one in flight
-    COMPANY_THRESHOLD = 0.5
-
-    def _note_arrival(self) -> None:
-        self._mean_company += self.COMPANY_SMOOTHING * (self._in_flight - self._mean_company)
-
     def _job_done(self, _future) -> None:
         self._in_flight -= 1
 
-    def wait_for_company(self) -> float:
-        """Seconds a new batch waits for more jobs: ``max_wait_ms`` while requests usually arrive to find others
-        in flight, else 0 (a request alone gains nothing from waiting; the wait would only add to its latency)."""
-        return self.max_wait if self._mean_company >= self.COMPANY_THRESHOLD else 0.0
+    def wait_for_company(self, in_batch: int = 0) -> float:
+        """Seconds a batch holding ``in_batch`` jobs waits for more: ``max_wait_ms`` when other jobs are queued or
+        running now, or the previous batch had company; else 0 (a request alone gains nothing from waiting)."""
+        others = self._in_flight - in_batch
+        return self.max_wait if others > 0 or self._last_batch > 1 else 0.0
 
     # ---- the collector and the worker -----------------------------------------------------------
     async def _collect_forever(self) -> None:
@@ -269,12 +265,14 @@ class MicroBatcher:
         arrival (jobs already queued always join)."""
         first = await self._queue.get()
         batch = [first]
-        deadline = first.enqueued + self.wait_for_company()
+        deadline = first.enqueued + self.wait_for_company(in_batch=1)
+        self.stats.waited += deadline > first.enqueued
         try:
             await self._fill(batch, deadline)
         except asyncio.CancelledError:  # stop() while filling: these jobs are out of the queue already
             _fail(batch, BatcherStoppedError("the server is shutting down; retry"))
             raise
+        self._last_batch = len(batch)
         return batch
 
     async def _fill(self, batch: list[_Job], deadline: float) -> None:

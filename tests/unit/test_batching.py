@@ -31,15 +31,21 @@ def test_a_lone_client_is_never_held_back_and_concurrent_clients_are_batched():
             waited_alone = batcher.wait_for_company()
             batcher.max_wait = 0.2  # the burst below waits this long for company
             burst = await asyncio.gather(*(batcher.submit("caption", 100 + i, None, None) for i in range(12)))
-            return alone, waited_alone, burst, batcher.wait_for_company()
+            waits = [batcher.stats.waited]
+            busy = batcher.wait_for_company()
+            for i in range(3):  # the burst is over: the first lone request waits once, the next ones do not
+                await batcher.submit("caption", 200 + i, None, None)
+                waits.append(batcher.stats.waited)
+            return alone, waited_alone, burst, busy, waits
         finally:
             await batcher.stop()
 
-    alone, waited_alone, burst, waited_busy = asyncio.run(drive())
+    alone, waited_alone, burst, waited_busy, waits = asyncio.run(drive())
+    assert waits == [1, 2, 2, 2]
     assert alone == [f"caption {i}" for i in range(5)] and burst == [f"caption {100 + i}" for i in range(12)]
     assert waited_alone == 0.0  # each request found nobody else in flight
     assert predictor.calls[:5] == [1, 1, 1, 1, 1]
-    assert predictor.calls[5:] == [12]  # the concurrent requests shared one forward pass
+    assert predictor.calls[5:] == [12, 1, 1, 1]  # the concurrent requests shared one forward pass
     assert waited_busy == 0.2
 
 
@@ -61,3 +67,16 @@ def test_in_flight_count_returns_to_zero_after_failures_and_cancellations():
     results, in_flight = asyncio.run(drive())
     assert all(isinstance(r, RuntimeError) for r in results)
     assert in_flight == 0
+
+
+def test_wait_policy_waits_only_with_company_now_or_in_the_previous_batch():
+    batcher = MicroBatcher(EchoPredictor(), max_wait_ms=5)
+    assert batcher.wait_for_company(in_batch=1) == 0.0  # idle server: nothing else was ever in flight
+    batcher._in_flight = 1
+    assert batcher.wait_for_company(in_batch=1) == 0.0  # the batch's own job is the only one
+    batcher._in_flight = 3
+    assert batcher.wait_for_company(in_batch=1) == 0.005  # two more queued or running
+    batcher._in_flight, batcher._last_batch = 1, 8
+    assert batcher.wait_for_company(in_batch=1) == 0.005  # 8 clients answered together come back together
+    batcher._last_batch = 1
+    assert batcher.wait_for_company(in_batch=1) == 0.0
