@@ -311,9 +311,6 @@ def _question_prompt(config) -> str:
     for d in _dataset_configs(config):
         if d.get("prompt"):
             return str(d.prompt)
-    run_prompt = (config.get("run") or {}).get("prompt")
-    if run_prompt and "{}" in str(run_prompt):
-        return str(run_prompt)
     spec = spec_for_arch(config.model.arch)
     return spec.vqa_prompt if spec is not None else "{}"
 

@@ -48,6 +48,9 @@ class TaskExtMixin:
     for ``train_step``, as it would a plain LAVIS task."""
 
     run_cfg = None  # the run config (evaluation's autocast, seeds); kept by build_model
+    # the run.* options this task reads beyond the ones every run has (lavis_ext.config.RUN_KEYS): the config
+    # check accepts them for this task only, so `run.k_test` in a captioning project fails as a typo would
+    run_keys: frozenset[str] = frozenset()
 
     def _run_get(self, key, default=None):
         return self.run_cfg.get(key, default) if self.run_cfg is not None else default

@@ -38,6 +38,8 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
         super().before_evaluation(model, dataset, **kwargs)
         self._source_image_ids = (getattr(dataset, "source_ids", None) or {}).get("image_id", {})
 
+    run_keys = frozenset({"num_beams", "max_len", "min_len", "report_metric", "constant_baseline"})
+
     @classmethod
     def setup_task(cls, cfg):
         run_cfg = cfg.run_cfg

@@ -63,6 +63,8 @@ class RetrievalTaskExt(TaskExtMixin, BaseTask):
         self.k_test = int(k_test)
         self.loss_weights = {name: float(name in losses) for name in LOSS_FIELDS}
 
+    run_keys = frozenset({"k_test", "losses"})
+
     @classmethod
     def setup_task(cls, cfg):
         run_cfg = cfg.run_cfg

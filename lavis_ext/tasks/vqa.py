@@ -72,7 +72,11 @@ def save_merged_result(result: list, result_dir: str, filename: str, remove_dupl
 class VQATaskExt(TaskExtMixin, VQATask):
     result_name = "vqa_result"
 
-    def __init__(self, num_beams, max_len, min_len, evaluate, prompt="", length_penalty=-1.0):
+    # no `prompt`: the dataset applies the question prompt (datasets.<name>.prompt), once, at training and
+    # evaluation alike; LAVIS's run.prompt would format the prompted question a second time
+    run_keys = frozenset({"num_beams", "max_len", "min_len", "length_penalty"})
+
+    def __init__(self, num_beams, max_len, min_len, evaluate, length_penalty=-1.0):
         super().__init__(
             num_beams=num_beams,
             max_len=max_len,
@@ -80,7 +84,7 @@ class VQATaskExt(TaskExtMixin, VQATask):
             evaluate=evaluate,
             num_ans_candidates=1,
             inference_method="generate",
-            prompt=prompt,
+            prompt="",
         )
         self.length_penalty = length_penalty
         self._source_question_ids: dict[str, object] = {}  # the evaluated split's string id -> its annotation file's
@@ -97,7 +101,6 @@ class VQATaskExt(TaskExtMixin, VQATask):
             max_len=run_cfg.get("max_len", 10),
             min_len=run_cfg.get("min_len", 1),
             evaluate=run_cfg.get("evaluate", False),
-            prompt=run_cfg.get("prompt", ""),
             length_penalty=run_cfg.get("length_penalty", -1.0),
         )
 
@@ -117,7 +120,6 @@ class VQATaskExt(TaskExtMixin, VQATask):
             num_beams=self.num_beams,
             max_len=self.max_len,
             min_len=self.min_len,
-            prompt=self.prompt,
             length_penalty=self.length_penalty,
         )
         keys = ("answers", "question_type", "answer_type")

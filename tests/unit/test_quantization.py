@@ -109,9 +109,11 @@ def test_missing_bitsandbytes_names_the_extra(synthetic_root, saved_llms, monkey
 
 
 def test_the_project_config_accepts_the_keys(synthetic_root):
-    from lavis_ext.config import MODEL_KEYS
+    from lavis_ext.config import model_keys_for
 
-    assert set(QUANTIZATION_DEFAULTS) <= MODEL_KEYS
+    for arch in ("blip2_opt_ext", "blip2_t5_ext"):
+        assert set(QUANTIZATION_DEFAULTS) <= model_keys_for(arch)
+    assert not set(QUANTIZATION_DEFAULTS) & model_keys_for("blip2_qformer_ext")  # no LLM to quantise
 
 
 # ---- the build call ------------------------------------------------------------------------------------

@@ -162,12 +162,12 @@ def test_paper_settings():
         assert (cap.model.image_size, cap.model.freeze_vit, cap.model.freeze_llm, cap.model.prompt) == (364, False, True, "a photo of")
         vqa = load_project_yaml(RECIPES / llm / "vqav2_ft.yaml")
         assert vqa.run.batch_size_train * 16 == 128 and vqa.model.image_size == 490 and vqa.model.qformer_text_input
-        assert vqa.datasets.json_vqa.prompt == "Question: {} Answer:" and vqa.run.prompt == ""
+        assert vqa.datasets.json_vqa.prompt == "Question: {} Answer:" and "prompt" not in vqa.run
         for name in ("vqav2", "okvqa", "gqa"):
             zs = load_project_yaml(RECIPES / llm / f"eval_{name}_zeroshot.yaml")
             prompt = "Question: {} Answer:" if llm.startswith("opt") else "Question: {} Short answer:"
             data = zs.datasets.gqa_files if name == "gqa" else zs.datasets.json_vqa
-            assert data.prompt == prompt and zs.run.prompt == ""
+            assert data.prompt == prompt and "prompt" not in zs.run
             assert (zs.run.num_beams, zs.run.length_penalty, zs.run.evaluate) == (5, -1.0, True)
         for lora in ("caption_coco_ft_lora", "vqav2_ft_lora"):
             assert load_project_yaml(RECIPES / llm / f"{lora}.yaml").model.lora_llm.r == 16

@@ -119,3 +119,31 @@ def test_importing_the_runners_changes_no_lavis_name_until_register():
         "lavis_ext.register()",
         "print(before, registry.get_runner_class('runner_base').__name__, registry.get_runner_class('runner_iter').__name__)",
     ) == "RunnerBase RunnerBaseExt RunnerIterExt"
+
+
+@pytest.mark.parametrize("section,key,arch,task", [
+    ("model", "t5_model", "blip2_opt_ext", "captioning_ext"),       # the other LLM family's key
+    ("model", "freeze_llm", "blip2_qformer_ext", "retrieval_ext"),  # a stage-1 model has no LLM
+    ("run", "k_test", "blip2_opt_ext", "captioning_ext"),           # retrieval's option in a captioning run
+    ("run", "constant_baseline", "blip2_opt_ext", "vqa_ext"),       # captioning's option in a VQA run
+])
+def test_keys_are_checked_against_the_chosen_class(section, key, arch, task):
+    from lavis_ext.config import check_keys
+
+    cfg = OmegaConf.create({"run_cfg": {"task": task}, "model_cfg": {"arch": arch}, "datasets_cfg": {}})
+    cfg[f"{section}_cfg"][key] = 1
+    with pytest.raises(ConfigError, match=rf"unknown {section} key '{key}' at {section}\.{key} \((arch|task) "):
+        check_keys(cfg)
+    other = {"t5_model": ("blip2_t5_ext", task), "freeze_llm": ("blip2_opt_ext", task),
+             "k_test": (arch, "retrieval_ext"), "constant_baseline": (arch, "captioning_ext")}[key]
+    cfg.model_cfg.arch, cfg.run_cfg.task = other
+    check_keys(cfg)  # valid where the class reads it
+
+
+def test_a_run_prompt_on_a_vqa_task_names_the_one_owner():
+    from lavis_ext.config import check_keys
+
+    cfg = OmegaConf.create({"run_cfg": {"task": "vqa_ext", "prompt": "Question: {} Answer:"},
+                            "model_cfg": {"arch": "blip2_opt_ext"}, "datasets_cfg": {}})
+    with pytest.raises(ConfigError, match=r"run.prompt is not an option of task 'vqa_ext': the dataset applies .*datasets.<name>.prompt"):
+        check_keys(cfg)
