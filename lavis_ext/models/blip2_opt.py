@@ -4,8 +4,9 @@ Why not LAVIS's `Blip2OPT.__init__`: it builds LAVIS's vendored `modeling_opt.OP
 has no `.generate` under transformers >= 4.50 (`AttributeError: 'OPTForCausalLM' object has no
 attribute 'generate'`), always loads fp16 weights from a hub name, and always freezes the LLM. Our
 ``__init__`` builds the same attributes (so LAVIS's `forward` runs unchanged) from the hooks in
-:mod:`lavis_ext.models.components`. `generate` feeds ``inputs_embeds`` to HF generation (greedy,
-beam, nucleus, several captions), and `predict_answers` (absent in 1.0.2) makes OPT usable for VQA.
+:mod:`lavis_ext.models.components`. `generate` feeds ``inputs_embeds`` to :mod:`lavis_ext.models.decode`
+(greedy, beam: transformers' tokens with less Python per step) or to HF generation (nucleus,
+``decode_impl: hf``), and `predict_answers` (absent in 1.0.2) makes OPT usable for VQA.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
 from lavis_ext.models.answers import expand_answers, weighted_sequence_loss
+from lavis_ext.models.decode import check_decode_impl
 from lavis_ext.models.generation import Blip2GenerationMixin
 from lavis_ext.models.components import Blip2ComponentsMixin, env_path, vision_kwargs
 from lavis_ext.models.llm_specs import OPT, LLMQuantization
@@ -157,16 +159,16 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         """Decode from the image prefix (``encode_image_for_llm``, or an exported image encoder's output)
         followed by each prompt; Hugging Face ``generate`` keyword arguments pass through."""
         # the side as an argument, not a tokenizer attribute: the tokenizer is shared by concurrent serving threads
-        opt_tokens = self.opt_tokenizer(
-            list(prompts), return_tensors="pt", padding="longest", padding_side=OPT.generate_padding_side
-        ).to(inputs_opt.device)
-        attention_mask = torch.cat([atts_opt, opt_tokens.attention_mask], dim=1)
+        input_ids, prompt_mask = self.prompt_tokens(self.opt_tokenizer, prompts, OPT.generate_padding_side)
+        input_ids, prompt_mask = input_ids.to(inputs_opt.device), prompt_mask.to(inputs_opt.device)
+        attention_mask = torch.cat([atts_opt, prompt_mask], dim=1)
         with self.maybe_autocast(block=self.opt_model):
-            inputs_embeds = self._prefixed_embeds(inputs_opt, opt_tokens.input_ids)
-            # With inputs_embeds only, HF returns the new tokens alone.
-            outputs = self.opt_model.generate(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
+            inputs_embeds = self._prefixed_embeds(inputs_opt, input_ids)
+            # With inputs_embeds only, HF returns the new tokens alone (and so does the lean loop).
+            outputs = self.llm_generate(
+                self.opt_model,
+                inputs_embeds,
+                attention_mask,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.opt_tokenizer.pad_token_id,
                 **generate_kwargs,
@@ -187,4 +189,5 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
             qformer_text_input=cfg.get("qformer_text_input", False),
             llm_quantization=LLMQuantization.from_config(cfg, OPT),
         )
+        model.decode_impl = check_decode_impl(cfg.get("decode_impl", "lean"))
         return finish_from_config(model, cfg)

@@ -10,14 +10,29 @@ Besides ``image``, ``samples`` may carry the image side already computed, so tha
 ``image_embeds`` (the ViT features from ``encode_vision``: several questions about one image) or
 ``llm_inputs`` (the finished prefix, e.g. from the ONNX image encoder; only for models without
 ``qformer_text_input``, whose prefix does not depend on the question).
+
+The decode itself goes through :meth:`Blip2GenerationMixin.llm_generate`: ``model.decode_impl: lean`` (the
+default) runs OPT's greedy and beam search in :mod:`lavis_ext.models.decode` (Hugging Face's tokens, less Python
+per step); every other case (sampling, FSDP, Flan-T5, ``decode_impl: hf``) runs transformers' ``generate``.
+Prompts are tokenised through a per-model cache (:meth:`Blip2GenerationMixin.prompt_tokens`): the constant
+caption prompt is tokenised once, and the padding side is an argument, never tokenizer state, so serving
+threads can share the model.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
+
+from lavis_ext.models.decode import lean_unsupported, opt_generate
+
+PROMPT_CACHE_SIZE = 4096  # distinct prompt strings kept per model (VQA questions vary; captions use one)
 
 
 class Blip2GenerationMixin:
     """Mix in before the LAVIS class: LAVIS's `generate` / `predict_answers` signatures."""
+
+    decode_impl = "lean"  # ``model.decode_impl`` (lavis_ext.models.decode.check_decode_impl): lean | hf
 
     @torch.no_grad()
     def generate(
@@ -105,6 +120,47 @@ class Blip2GenerationMixin:
 
     def _postprocess_answers(self, answers):
         return answers
+
+    def llm_generate(self, llm, inputs_embeds, attention_mask, **generate_kwargs):
+        """``llm.generate(inputs_embeds=..., attention_mask=..., **generate_kwargs)``'s output ids, through the lean
+        loop where it applies (``decode_impl: lean`` and :func:`lavis_ext.models.decode.lean_unsupported` finds
+        nothing against it), else through transformers."""
+        if self.decode_impl == "lean" and lean_unsupported(llm, generate_kwargs) is None:
+            return opt_generate(llm, inputs_embeds, attention_mask, **generate_kwargs)
+        return llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    def prompt_tokens(self, tokenizer, prompts, padding_side: str):
+        """``tokenizer(prompts, padding="longest", padding_side=...)``'s ``(input_ids, attention_mask)``, each
+        distinct prompt tokenised once per model (the caption prompt is the same on every call). Equal to the
+        tokenizer's batch output (``tests/unit/test_decode.py``); the cache is per model and locked, the
+        tokenizer is only read."""
+        cache = self.__dict__.get("_prompt_ids")
+        if cache is None:
+            cache = self.__dict__.setdefault("_prompt_ids", {})
+            self.__dict__.setdefault("_prompt_lock", threading.Lock())
+        prompts = list(prompts)
+        with self._prompt_lock:
+            missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            ids = tokenizer(missing).input_ids
+            with self._prompt_lock:
+                if len(cache) + len(missing) > PROMPT_CACHE_SIZE:
+                    cache.clear()
+                cache.update(zip(missing, ids))
+                rows = [cache.get(p) for p in prompts]
+        else:
+            with self._prompt_lock:
+                rows = [cache.get(p) for p in prompts]
+        if any(r is None for r in rows):  # evicted by a concurrent call in between: tokenise this batch directly
+            rows = tokenizer(prompts).input_ids
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, span] = 1
+        return input_ids, attention_mask
 
 
 def _batch_size(samples) -> int:
