@@ -27,17 +27,15 @@ class ConfigError(ValueError):
 
 
 RUN_KEYS = {
-    # what LAVIS's runners and tasks read
+    # what every run has: LAVIS's runners, the loop, the optimizer and schedule, data loading, distributed init
     "task", "runner", "lr_sched", "init_lr", "min_lr", "warmup_lr", "warmup_steps", "weight_decay",
     "lr_decay_rate", "beta2", "max_epoch", "max_iters", "iters_per_inner_epoch", "batch_size_train",
-    "batch_size_eval", "num_workers", "accum_grad_iters", "max_len", "min_len", "num_beams", "seed",
+    "batch_size_eval", "num_workers", "accum_grad_iters", "seed",
     "output_dir", "amp", "resume_ckpt_path", "evaluate", "train_splits", "valid_splits", "test_splits",
     "device", "world_size", "dist_url", "distributed", "use_dist_eval_sampler", "log_freq",
-    "report_metric", "prompt", "inference_method", "num_ans_candidates", "train_dataset_ratios",
-    "k_test", "save_freq",
-    "losses",  # retrieval_ext: which stage-1 losses to optimise (itc, itm, itg)
+    "train_dataset_ratios", "save_freq",
     # ours
-    "amp_dtype", "vit_layer_decay", "optimizer_impl", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "constant_baseline", "length_penalty", "dist_timeout_s",
+    "amp_dtype", "vit_layer_decay", "optimizer_impl", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "dist_timeout_s",
     # resume and checkpoints (lavis_ext.runners.runner_base, docs/distributed.md)
     "resume", "job_id", "save_every_steps", "keep_step_checkpoints", "min_free_disk_mb",
     # sharding (lavis_ext.runners.fsdp)
@@ -45,22 +43,36 @@ RUN_KEYS = {
     # written by distributed init
     "rank", "gpu", "dist_backend",
 }
+"""Every task accepts these; a task's own options are its class's ``run_keys`` (lavis_ext/tasks/)."""
+
+LAVIS_TASK_RUN_KEYS = {
+    "max_len", "min_len", "num_beams", "report_metric", "prompt", "inference_method", "num_ans_candidates", "k_test",
+}
+"""What LAVIS's own tasks (those without ``run_keys``: ``captioning``, ``vqa``, ``retrieval``, ...) read."""
+
+RUN_KEY_HINTS = {
+    "prompt": "the dataset applies the question prompt once, at training and evaluation alike: set "
+              "datasets.<name>.prompt (e.g. \"Question: {} Answer:\"); a run.prompt would be applied a second time",
+}
 
 MODEL_KEYS = {
     "arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned",
     "vit_model", "vit_config", "vit_depth", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
-    "freeze_vit", "num_query_token", "cross_attention_freq", "embed_dim", "max_txt_len", "prompt",
+    "freeze_vit", "num_query_token", "cross_attention_freq", "embed_dim", "max_txt_len",
     "qformer_tokenizer", "qformer_model", "qformer_config",
-    "opt_model", "opt_tokenizer", "opt_config", "t5_model", "t5_tokenizer", "t5_config",
-    "freeze_llm", "llm_precision", "apply_lemmatizer",
-    "decode_impl",  # lean | hf: OPT's decode loop (lavis_ext.models.decode) or transformers' generate
-    "decode_impl",  # lean | hf: OPT's decode loop (lavis_ext.models.decode) or transformers' generate
     # training strategy (lavis_ext.models.strategies)
-    "freeze_qformer", "lora_llm", "lora_qformer", "qformer_text_input",
-    "qformer_grad_checkpoint", "llm_grad_checkpoint",
+    "freeze_qformer", "lora_qformer", "qformer_grad_checkpoint",
+}
+"""Every BLIP-2 model has these (ViT, Q-Former, loading); models with an LLM add :data:`LLM_MODEL_KEYS` and their
+family's ``{family}_model`` / ``_tokenizer`` / ``_config`` (:func:`model_keys_for`)."""
+
+LLM_MODEL_KEYS = {
+    "prompt", "freeze_llm", "llm_precision", "apply_lemmatizer", "qformer_text_input", "lora_llm", "llm_grad_checkpoint",
+    "decode_impl",  # lean | hf: OPT's decode loop (lavis_ext.models.decode) or transformers' generate
     # 8/4-bit frozen LLM (lavis_ext.models.llm_specs.QUANTIZATION_DEFAULTS)
     "llm_quantization", "llm_4bit_quant_type", "llm_4bit_double_quant", "llm_4bit_compute_dtype",
 }
+LLM_SOURCE_KEYS = ("model", "tokenizer", "config")  # opt_model, t5_tokenizer, ...
 
 DATASET_KEYS = {
     "data_type", "build_info", "vis_processor", "text_processor", "shuffle_buffer", "prompt", "type",
@@ -154,21 +166,41 @@ def _check_processors(dcfg, where: str) -> None:
 
 
 def run_keys_for(task_name) -> set[str]:
-    """The ``run.*`` keys valid for a task: the shared ones plus the task class's own ``run_keys`` (a task in a
-    research project declares its options there instead of editing this file)."""
-    task_cls = _mapping("task_name_mapping").get(task_name)
-    return RUN_KEYS | set(getattr(task_cls, "run_keys", ()))
+    """The ``run.*`` keys valid for a task: the shared ones plus the task class's own ``run_keys`` (ours, and a
+    research project's task, declare them there), or what LAVIS's tasks read for a class without them."""
+    own = getattr(_mapping("task_name_mapping").get(task_name), "run_keys", None)
+    return RUN_KEYS | (set(own) if own is not None else LAVIS_TASK_RUN_KEYS)
+
+
+def model_keys_for(arch) -> set[str]:
+    """The ``model.*`` keys valid for an architecture: ours with an LLM take its family's keys only (``t5_model``
+    for ``blip2_opt_ext`` is refused), ours without one (the stage-1 Q-Former) no LLM key; LAVIS's own classes
+    every key we know."""
+    from lavis_ext.models.llm_specs import SPECS, spec_for_arch
+
+    spec = spec_for_arch(arch)
+    if spec is not None:
+        return MODEL_KEYS | LLM_MODEL_KEYS | {f"{spec.family}_{k}" for k in LLM_SOURCE_KEYS}
+    model_cls = _mapping("model_name_mapping").get(arch)
+    if model_cls is not None and model_cls.__module__.startswith("lavis_ext."):
+        return set(MODEL_KEYS)
+    return MODEL_KEYS | LLM_MODEL_KEYS | {f"{s.family}_{k}" for s in SPECS.values() for k in LLM_SOURCE_KEYS}
 
 
 def check_keys(cfg) -> None:
     """Keys of the merged LAVIS `Config` (run, model, datasets)."""
-    run_keys = run_keys_for(cfg.run_cfg.get("task"))
+    task = cfg.run_cfg.get("task")
+    run_keys = run_keys_for(task)
     for key in cfg.run_cfg:
+        if key in RUN_KEY_HINTS and key not in run_keys:
+            raise ConfigError(f"run.{key} is not an option of task {task!r}: {RUN_KEY_HINTS[key]}")
         if key not in run_keys:
-            _fail("run key", key, run_keys, f"run.{key}")
+            _fail("run key", key, run_keys, f"run.{key} (task {task!r})")
+    arch = cfg.model_cfg.get("arch")
+    model_keys = model_keys_for(arch)
     for key in cfg.model_cfg:
-        if key not in MODEL_KEYS:
-            _fail("model key", key, MODEL_KEYS, f"model.{key}")
+        if key not in model_keys:
+            _fail("model key", key, model_keys, f"model.{key} (arch {arch!r})")
     for name, dcfg in cfg.datasets_cfg.items():
         for key in dcfg:
             if key not in DATASET_KEYS:
