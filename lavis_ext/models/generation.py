@@ -14,19 +14,22 @@ Besides ``image``, ``samples`` may carry the image side already computed, so tha
 The decode itself goes through :meth:`Blip2GenerationMixin.llm_generate`: ``model.decode_impl: lean`` (the
 default) runs OPT's greedy and beam search in :mod:`lavis_ext.models.decode` (Hugging Face's tokens, less Python
 per step); every other case (sampling, FSDP, Flan-T5, ``decode_impl: hf``) runs transformers' ``generate``.
-Prompts are tokenised through a per-model cache (:meth:`Blip2GenerationMixin.prompt_tokens`): the constant
+Prompts are tokenised through a per-tokenizer cache (:meth:`Blip2GenerationMixin.prompt_tokens`): the constant
 caption prompt is tokenised once, and the padding side is an argument, never tokenizer state, so serving
 threads can share the model.
 """
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
 from lavis_ext.models.decode import lean_unsupported, opt_generate
 
-PROMPT_CACHE_SIZE = 4096  # distinct prompt strings kept per model (VQA questions vary; captions use one)
+PROMPT_CACHE_SIZE = 4096  # distinct prompt strings kept per tokenizer (VQA questions vary; captions use one)
+_PROMPT_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {prompt: ids}
+_PROMPT_LOCK = threading.Lock()
 
 
 class Blip2GenerationMixin:
@@ -131,26 +134,21 @@ class Blip2GenerationMixin:
 
     def prompt_tokens(self, tokenizer, prompts, padding_side: str):
         """``tokenizer(prompts, padding="longest", padding_side=...)``'s ``(input_ids, attention_mask)``, each
-        distinct prompt tokenised once per model (the caption prompt is the same on every call). Equal to the
-        tokenizer's batch output (``tests/unit/test_decode.py``); the cache is per model and locked, the
-        tokenizer is only read."""
-        cache = self.__dict__.get("_prompt_ids")
-        if cache is None:
-            cache = self.__dict__.setdefault("_prompt_ids", {})
-            self.__dict__.setdefault("_prompt_lock", threading.Lock())
+        distinct prompt tokenised once per tokenizer (the caption prompt is the same on every call). Equal to the
+        tokenizer's batch output (``tests/unit/test_decode.py``). The cache lives outside the model (a lock in the
+        model would break ``copy.deepcopy``) and is locked; the tokenizer is only read."""
         prompts = list(prompts)
-        with self._prompt_lock:
+        with _PROMPT_LOCK:
+            cache = _PROMPT_IDS.setdefault(tokenizer, {})
             missing = [p for p in dict.fromkeys(prompts) if p not in cache]
         if missing:
             ids = tokenizer(missing).input_ids
-            with self._prompt_lock:
+            with _PROMPT_LOCK:
                 if len(cache) + len(missing) > PROMPT_CACHE_SIZE:
                     cache.clear()
                 cache.update(zip(missing, ids))
-                rows = [cache.get(p) for p in prompts]
-        else:
-            with self._prompt_lock:
-                rows = [cache.get(p) for p in prompts]
+        with _PROMPT_LOCK:
+            rows = [cache.get(p) for p in prompts]
         if any(r is None for r in rows):  # evicted by a concurrent call in between: tokenise this batch directly
             rows = tokenizer(prompts).input_ids
         width = max(len(r) for r in rows)

@@ -4,13 +4,14 @@ edges, early EOS (an EOS id the model emits mid-caption), repetition penalty and
 path (``decode_impl: lean`` vs ``hf``), its fallbacks, the prompt cache and concurrent callers."""
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
 import torch
 from tiny_models import images, tiny_model
 
-from lavis_ext.models import decode
+from lavis_ext.models import decode, generation
 
 
 def opt_model(seed=0):
@@ -156,6 +157,7 @@ def test_prompt_cache_equals_the_tokenizer(synthetic_root):
             ref = tok(prompts, return_tensors="pt", padding="longest", padding_side=side)
             assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
     assert tok.padding_side == "right"  # never rewritten (shared by serving threads)
+    copy.deepcopy(model)  # nothing unpicklable kept on the model
 
 
 def test_concurrent_generate_calls_equal_serial_ones(synthetic_root):
@@ -165,7 +167,7 @@ def test_concurrent_generate_calls_equal_serial_ones(synthetic_root):
             for seed in range(6)]
     with torch.no_grad():
         serial = [model.generate(s, num_beams=b, max_length=8) for s, b in jobs]
-    model.__dict__.pop("_prompt_ids", None)
+    generation._PROMPT_IDS.pop(model.opt_tokenizer, None)  # the threads fill the prompt cache themselves
     results = [None] * len(jobs)
 
     def work(i):
