@@ -24,7 +24,9 @@ search without sampling; ``max_new_tokens``, ``min_new_tokens``, ``num_beams``, 
 ``repetition_penalty``, ``num_return_sequences`` (<= beams), one ``eos_token_id``, ``pad_token_id``; the
 model's SDPA attention, pre-LayerNorm (every released OPT but 350m), no layer drop at eval, a
 ``generation_config`` without decoding defaults of its own. Sampling, ``synced_gpus`` (FSDP), other
-attention implementations and any other ``generate`` argument go to HF. Tokens equal HF's: the same
+attention implementations and any other ``generate`` argument go to HF. Flan-T5 keeps HF ``generate`` (not
+attempted: an encoder-decoder with relative position bias and cross-attention caches is a second loop to keep
+exact; the profile that motivated this one was OPT's). Tokens equal HF's: the same
 kernels see the same tensors in the same order (``tests/unit/test_decode.py`` checks greedy and beam 5,
 batch 1 and 16, with and without left padding, min/max length edges and early EOS).
 
@@ -62,8 +64,8 @@ def lean_unsupported(llm, kwargs: dict) -> str | None:
         return f"generate arguments {extra}"
     if kwargs.get("do_sample"):
         return "sampling"
-    beams = kwargs.get("num_beams", 1)
-    if kwargs.get("num_return_sequences", 1) > beams:
+    beams = kwargs.get("num_beams") or 1
+    if (kwargs.get("num_return_sequences") or 1) > beams:
         return "num_return_sequences > num_beams"
     if not isinstance(kwargs.get("eos_token_id"), int):
         return "eos_token_id is not one int"
@@ -267,6 +269,8 @@ def opt_generate(llm, inputs_embeds, attention_mask, *, eos_token_id: int, pad_t
 
     ``_ignored``: ``do_sample=False`` and the sampling-only ``top_p`` / ``temperature``, which greedy and beam
     search do not read (check :func:`lean_unsupported` first)."""
+    min_new_tokens, num_beams, num_return_sequences = min_new_tokens or 0, num_beams or 1, num_return_sequences or 1
+    length_penalty = 1.0 if length_penalty is None else length_penalty  # None: HF's default
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens}: give at least 1")
     rep = None
