@@ -6,7 +6,9 @@ other. A second peer, for the 32-client rows: the same with a plain ``def`` hand
 thread pool, so forward passes overlap (still one image each) and use both cores. Ours: ``lavis-ext serve`` (``lavis_ext.serve.server``), which validates uploads in a thread pool and
 gathers concurrent requests into batched ``generate`` calls (``--max-batch 16``, ``--max-wait-ms 5``), with
 ``--workers 2`` (two batches at once: one forward pass of this small model cannot keep two cores busy, and the
-threaded peer uses both cores too).
+threaded peer uses both cores too). The fair peer that batches: LitServe (``pip install -e .[bench]``) with the
+same ``max_batch_size``, ``batch_timeout`` (= our max wait) and inference workers (separate processes in LitServe),
+its handler decoding the upload as the plain peers do; its rows are left out when it is not installed.
 
 Both load the same model through ``lavis_ext.inference.load``: the tiny BLIP-2 OPT config widened (OPT 4 x 256,
 ViT 4 x 128, Q-Former 128; random init: throughput does not depend on the weights) with greedy decoding of
@@ -47,11 +49,21 @@ WIDEN = [
     "run.num_beams=1", "run.max_len=16", "run.min_len=16",
 ]
 CLIENTS = (1, 8, 32)
-# The peer of every row, and a second one (a `def` handler in FastAPI's thread pool) for the 32-client rows.
-PEERS = {"peer": "async", "peer_threaded": "thread"}
+# The peers: a FastAPI async handler (every row), a `def` handler in FastAPI's thread pool (32-client rows), and
+# LitServe's batching (every row; the fair peer that batches, when the `bench` extra is installed).
+PEERS = {"peer": "async", "peer_threaded": "thread", "peer_litserve": "litserve"}
 PEER_LABELS = {"peer": "FastAPI async handler, one generate per request",
-               "peer_threaded": "FastAPI def handler (thread pool), one generate per request"}
-SERVERS = ("peer", "peer_threaded", "ours")
+               "peer_threaded": "FastAPI def handler (thread pool), one generate per request",
+               "peer_litserve": "LitServe, batched (same max batch, wait and workers as ours)"}
+SERVERS = ("peer", "peer_threaded", "peer_litserve", "ours")
+PEER_NAMES = {"peer": "async handler", "peer_threaded": "thread handler", "peer_litserve": "LitServe batching"}
+EVERY_ROW = ("peer", "peer_litserve")  # the peers run at every client count; the others at 32 only
+
+
+def has_litserve() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("litserve") is not None
 
 
 # ---- the peer server (runs in a subprocess: python bench/serving.py --baseline-server ...) ------------
@@ -179,8 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--style", default="async", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.baseline_server:
-        serve_baseline(args.port, args.threads, args.style, WIDEN)
+        if args.style == "litserve":
+            from peers.litserve_peer import serve
+
+            serve(args.port, args.threads, WIDEN, args.max_batch, args.max_wait_ms, args.workers)
+        else:
+            serve_baseline(args.port, args.threads, args.style, WIDEN)
         return 0
+    servers = SERVERS if has_litserve() else tuple(n for n in SERVERS if n != "peer_litserve")
+    if "peer_litserve" not in servers:
+        print("litserve is not installed (pip install -e .[bench]): the batched peer's rows are left out", flush=True)
 
     runs = resolve_runs(args)
     requests = {1: 12, 8: 48, 32: 96} if args.quick else {1: 24, 8: 96, 32: 192}
@@ -188,10 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "LAVIS_EXT_DATA": tokenizer_root(Path(tmp)), "OMP_NUM_THREADS": str(args.threads),
                "PYTHONWARNINGS": "ignore"}
-        ports = {name: free_port() for name in SERVERS}
+        ports = {name: free_port() for name in servers}
         commands = {
             **{peer: [sys.executable, __file__, "--baseline-server", "--port", str(ports[peer]),
-                      "--threads", str(args.threads), "--style", style] for peer, style in PEERS.items()},
+                      "--threads", str(args.threads), "--style", style, "--max-batch", str(args.max_batch),
+                      "--max-wait-ms", str(args.max_wait_ms), "--workers", str(args.workers)]
+               for peer, style in PEERS.items() if peer in servers},
             "ours": [sys.executable, "-m", "lavis_ext.serve.server", "--cfg-path", str(PROJECT), "--options", *WIDEN,
                      "--device", "cpu", "--port", str(ports["ours"]), "--threads", str(args.threads),
                      "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
@@ -208,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                     asyncio.run(drive(url, clients, clients, images))
             for run in range(runs):
                 for clients in CLIENTS:
-                    for name in SERVERS:
-                        if name == "peer_threaded" and clients != 32:  # the second peer: 32-client rows only
+                    for name in servers:
+                        if name not in (*EVERY_ROW, "ours") and clients != 32:  # the thread peer: 32 clients only
                             continue
                         measured = asyncio.run(drive(urls[name], clients, requests[clients], images))
                         results[name][clients].append(measured)
@@ -228,17 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     ours_label = (f"lavis-ext serve (max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "
                   f"workers {args.workers})")
     for clients in CLIENTS:
-        for peer in PEERS if clients == 32 else ("peer",):
+        for peer in (p for p in (PEERS if clients == 32 else EVERY_ROW) if p in servers):
             rows.append(row(
-                f"caption throughput, {clients} concurrent client(s), vs {PEERS[peer]} handler", "req/s",
+                f"caption throughput, {clients} concurrent client(s), vs {PEER_NAMES[peer]}", "req/s",
                 stat(ours_label, [m["throughput"] for m in results["ours"][clients]]),
                 stat(PEER_LABELS[peer], [m["throughput"] for m in results[peer][clients]]),
-                target={1: 1.0, 32: 8.0}.get(clients),  # issue 18: never slower alone, 8x at 32 clients
+                target={1: 1.0, 32: 8.0}.get(clients) if peer == "peer" else None,  # issue 18 (vs the async peer): never slower alone, 8x at 32
                 note=f"{requests[clients]} requests per run, {runs} run(s), torch threads {args.threads}"))
     for peer, style in PEERS.items():
+        if peer not in servers:
+            continue
         for key, target in (("p50", None), ("p99", 1.0)):
             rows.append(row(
-                f"{key} latency, 32 concurrent clients, vs {style} handler", "ms",
+                f"{key} latency, 32 concurrent clients, vs {PEER_NAMES[peer]}", "ms",
                 stat(ours_label, [m[key] for m in results["ours"][32]]),
                 stat(PEER_LABELS[peer], [m[key] for m in results[peer][32]]),
                 higher_is_better=False, target=target, note=f"ratio = peer / ours; {requests[32]} requests per run"))
