@@ -33,6 +33,7 @@ PER_LLM = (
     "eval_okvqa_zeroshot", "eval_gqa_zeroshot", "eval_nocaps_zeroshot", "eval_coco_caption", "pretrain_stage2",
 )
 RETRIEVAL = ("retrieval/coco_ft.yaml", "retrieval/eval_coco.yaml", "retrieval/eval_flickr30k_zeroshot.yaml")  # Table 5
+QLORA = tuple(f"{llm}/{r}_lora_4bit.yaml" for llm in ("opt6.7b", "flant5xxl") for r in ("caption_coco_ft", "vqav2_ft"))  # 4-bit LLM
 
 #: (total, trainable) parameters of each recipe's model, built on meta (see docs/recipes.md). The paper:
 #: ViT-g OPT-2.7B 107M / 3.8B, OPT-6.7B 108M / 7.8B, FlanT5-XL 107M / 4.1B, FlanT5-XXL 108M / 12.1B
@@ -78,6 +79,11 @@ PINNED = {
     "opt6.7b/pretrain_stage2.yaml": (7_752_683_392, 108_314_880),
     "opt6.7b/vqav2_ft.yaml": (7_834_569_472, 1_176_095_488),
     "opt6.7b/vqav2_ft_lora.yaml": (7_851_346_688, 1_192_872_704),
+    # the 4-bit recipes build as their LoRA siblings on meta (quantisation happens at load; see lavis_ext.memory)
+    "opt6.7b/caption_coco_ft_lora_4bit.yaml": (7_770_051_968, 1_111_577_984),
+    "opt6.7b/vqav2_ft_lora_4bit.yaml": (7_851_346_688, 1_192_872_704),
+    "flant5xxl/caption_coco_ft_lora_4bit.yaml": (12_267_881_856, 1_132_549_504),
+    "flant5xxl/vqav2_ft_lora_4bit.yaml": (12_349_176_576, 1_213_844_224),
     "pretrain_stage1.yaml": (1_172_599_998, 186_705_470),
     # stage-1 ViT-g Q-Former at image 364 with the ViT trained: the paper's 1.2B (Table 5)
     "retrieval/coco_ft.yaml": (1_173_191_358, 1_173_191_358),
@@ -107,7 +113,7 @@ def counts_of(rel: str) -> dict:
 
 # ---- layout ------------------------------------------------------------------------------------
 def test_every_llm_has_every_recipe():
-    expected = {f"{llm}/{r}.yaml" for llm in LLMS for r in PER_LLM} | {"pretrain_stage1.yaml", *RETRIEVAL}
+    expected = {f"{llm}/{r}.yaml" for llm in LLMS for r in PER_LLM} | {"pretrain_stage1.yaml", *RETRIEVAL, *QLORA}
     assert set(RECIPE_FILES) == expected
     assert set(PINNED) == expected
 
