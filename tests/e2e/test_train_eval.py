@@ -97,6 +97,29 @@ def test_vqa_finetuning_lifts_accuracy_far_above_the_untrained_model(synthetic_r
     assert after > before + 25.0, (before, after)
 
 
+@pytest.mark.slow
+def test_vqa_recipe_from_a_caption_run_answers_from_the_image(tmp_path, monkeypatch):
+    """The documented VQA recipe (vqa_opt.yaml's header): the caption demo's recipe on the full synthetic set, then
+    VQA fine-tuning from its checkpoint. Seed 42 measured 70.0 overall / 63.6 other (3 seeds in the yaml's header).
+    Seeds 43/44 gave 60.2/51.4 and 69.1/63.8, so other CPUs' kernels (a seed change in effect) get the same room:
+    >= 60 / >= 50. From scratch the recipe scores at most 52 / 38 here, so the bar needs the image."""
+    from lavis_ext.datasets.synthetic import generate_dataset
+
+    root = tmp_path / "synthetic"
+    generate_dataset(root, seed=0, tokenizers=True)  # the full set: 2000 train images, 8000 questions
+    monkeypatch.setenv("LAVIS_EXT_DATA", str(root))  # the tiny models' tokenizers and the builders' root
+    vit = "model.vit_config={patch_size: 16, width: 96, depth: 4, heads: 4, mlp_ratio: 4.0}"  # as vqa_opt.yaml
+    caption = cli.train(["--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options", vit,
+                         "run.max_epoch=20", "run.val_freq=5",  # the measured caption runs
+                         f"run.output_dir={tmp_path / 'caption'}", "run.test_splits=[]"])
+    checkpoint = Path(caption.output_dir) / "checkpoint_best.safetensors"
+    assert checkpoint.is_file()
+    vqa = cli.train(["--cfg-path", str(REPO / "projects/tiny/vqa_opt.yaml"), "--options",
+                     f"run.output_dir={tmp_path / 'vqa'}", "model.load_pretrained=true", f"model.pretrained={checkpoint}"])
+    metrics = metrics_of(Path(vqa.output_dir), "test")["metrics"]
+    assert metrics["overall"] >= 60.0 and metrics["per_answer_type"]["other"] >= 50.0, metrics
+
+
 def test_two_process_torchrun_merges_every_rank(synthetic_root, tmp_path):
     env = {**os.environ, "LAVIS_EXT_DATA": str(synthetic_root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
