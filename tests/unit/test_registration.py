@@ -105,7 +105,9 @@ def test_model_type_option_loads_that_types_defaults():
     args = Namespace(cfg_path=str(REPO_PROJECT), options=["model.model_type=pretrain_opt2.7b"])
     model = project_config(args).model_cfg
     assert model.model_type == "pretrain_opt2.7b"
-    assert model.opt_model == "facebook/opt-2.7b" and model.image_size == 224 and "vit_config" not in model
+    assert model.opt_model == "facebook/opt-2.7b" and model.image_size == 224
+    # none of the tiny type's defaults survive (the project file's own vit_config does, as any explicit key would)
+    assert "qformer_config" not in model and "opt_config" not in model and "opt_tokenizer" not in model
     plain = project_config(Namespace(cfg_path=str(REPO_PROJECT), options=None)).model_cfg
     assert plain.model_type == "tiny" and plain.vit_model == "tiny"
 
