@@ -43,12 +43,12 @@ RUN_KEYS = {
     # written by distributed init
     "rank", "gpu", "dist_backend",
 }
-"""Every task accepts these; a task's own options are its class's ``run_keys`` (lavis_ext/tasks/)."""
+"""Every task accepts these; a task's own options are its class's ``run_options`` (lavis_ext/tasks/)."""
 
 LAVIS_TASK_RUN_KEYS = {
     "max_len", "min_len", "num_beams", "report_metric", "prompt", "inference_method", "num_ans_candidates", "k_test",
 }
-"""What LAVIS's own tasks (those without ``run_keys``: ``captioning``, ``vqa``, ``retrieval``, ...) read."""
+"""What LAVIS's own tasks (those without ``run_options``: ``captioning``, ``vqa``, ``retrieval``, ...) read."""
 
 RUN_KEY_HINTS = {
     "prompt": "the dataset applies the question prompt once, at training and evaluation alike: set "
@@ -166,9 +166,9 @@ def _check_processors(dcfg, where: str) -> None:
 
 
 def run_keys_for(task_name) -> set[str]:
-    """The ``run.*`` keys valid for a task: the shared ones plus the task class's own ``run_keys`` (ours, and a
+    """The ``run.*`` keys valid for a task: the shared ones plus the task class's own ``run_options`` (ours, and a
     research project's task, declare them there), or what LAVIS's tasks read for a class without them."""
-    own = getattr(_mapping("task_name_mapping").get(task_name), "run_keys", None)
+    own = getattr(_mapping("task_name_mapping").get(task_name), "run_options", None)
     return RUN_KEYS | (set(own) if own is not None else LAVIS_TASK_RUN_KEYS)
 
 

@@ -27,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 import lavis_ext
 
 lavis_ext.register()  # an entry point of its own (server, apps, scripts): shims + registration
+from lavis.common.registry import registry  # noqa: E402
+
 from lavis_ext.checkpoints import load_trainable, read_metadata, resolve_checkpoint
 from lavis_ext.config import load_config
 from lavis_ext.custom_imports import DIR_KEY as CUSTOM_DIR_KEY
@@ -126,16 +128,22 @@ class Blip2Predictor:
         run = config.get("run", {})
         self.caption_prompt = model.prompt if isinstance(getattr(model, "prompt", None), str) else ""
         self.question_prompt = _question_prompt(config)
+        # the run's decoding settings over the defaults the tasks state; a run that did not answer questions
+        # lends its beams and length penalty, not its caption lengths
+        caption = registry.get_task_class("captioning_ext").options(run)
+        answer = registry.get_task_class("vqa_ext").options(
+            run if _is_vqa(config) else {k: run[k] for k in ("num_beams", "length_penalty") if k in run}
+        )
         self.caption_decoding = Decoding(
-            num_beams=int(run.get("num_beams", 5)),
-            max_new_tokens=int(run.get("max_len", 30)),
-            min_new_tokens=int(run.get("min_len", 1)),
+            num_beams=int(caption["num_beams"]),
+            max_new_tokens=int(caption["max_len"]),
+            min_new_tokens=int(caption["min_len"]),
         )
         self.answer_decoding = Decoding(
-            num_beams=int(run.get("num_beams", 5)),
-            max_new_tokens=int(run.get("max_len", 10)) if _is_vqa(config) else 10,
-            min_new_tokens=int(run.get("min_len", 1)) if _is_vqa(config) else 1,
-            length_penalty=float(run.get("length_penalty", -1.0)),
+            num_beams=int(answer["num_beams"]),
+            max_new_tokens=int(answer["max_len"]),
+            min_new_tokens=int(answer["min_len"]),
+            length_penalty=float(answer["length_penalty"]),
         )
 
     # ---- properties callers report ------------------------------------------------------------
@@ -233,7 +241,6 @@ def project_file_config(cfg_path: str | Path, options: Iterable[str] = ()) -> Di
 def load(source: str | Path | None = None, *, cfg_path: str | Path | None = None, options: Iterable[str] = (),
          device: str | torch.device | None = None) -> Blip2Predictor:
     """Checkpoint / run directory (``source``) or project YAML (``cfg_path`` + ``options``) -> predictor."""
-    from lavis.common.registry import registry
 
     if (source is None) == (cfg_path is None):
         raise ValueError("give exactly one of a checkpoint/run directory or cfg_path (a project YAML)")
@@ -294,7 +301,6 @@ def _dataset_configs(config) -> list:
 
 def _eval_processor(config):
     """The eval image processor the run used (its dataset's, else `preprocess`, else BLIP's default)."""
-    from lavis.common.registry import registry
 
     candidates = [d.get("vis_processor") for d in _dataset_configs(config)]
     candidates.append((config.get("preprocess") or {}).get("vis_processor"))

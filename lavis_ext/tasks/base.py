@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -48,9 +50,16 @@ class TaskExtMixin:
     for ``train_step``, as it would a plain LAVIS task."""
 
     run_cfg = None  # the run config (evaluation's autocast, seeds); kept by build_model
-    # the run.* options this task reads beyond the ones every run has (lavis_ext.config.RUN_KEYS): the config
-    # check accepts them for this task only, so `run.k_test` in a captioning project fails as a typo would
-    run_keys: frozenset[str] = frozenset()
+    # the run.* options this task reads beyond the ones every run has (lavis_ext.config.RUN_KEYS), with their
+    # defaults, stated once here: the config check accepts them for this task only (`run.k_test` in a captioning
+    # project fails as a typo would), setup_task and lavis_ext.inference read them through `options`
+    run_options: Mapping[str, Any] = MappingProxyType({})
+
+    @classmethod
+    def options(cls, run_cfg=None) -> dict:
+        """This task's ``run_options``: the run's values over the defaults."""
+        return {key: (run_cfg.get(key, default) if run_cfg is not None else default)
+                for key, default in cls.run_options.items()}
 
     def _run_get(self, key, default=None):
         return self.run_cfg.get(key, default) if self.run_cfg is not None else default

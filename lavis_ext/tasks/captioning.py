@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from types import MappingProxyType
 
 from lavis.common.dist_utils import is_main_process, main_process
 from lavis.common.registry import registry
@@ -38,19 +39,13 @@ class CaptionTaskExt(TaskExtMixin, CaptionTask):
         super().before_evaluation(model, dataset, **kwargs)
         self._source_image_ids = (getattr(dataset, "source_ids", None) or {}).get("image_id", {})
 
-    run_keys = frozenset({"num_beams", "max_len", "min_len", "report_metric", "constant_baseline"})
+    run_options = MappingProxyType(
+        {"num_beams": 5, "max_len": 30, "min_len": 1, "report_metric": True, "constant_baseline": True}
+    )
 
     @classmethod
     def setup_task(cls, cfg):
-        run_cfg = cfg.run_cfg
-        return cls(
-            num_beams=run_cfg.get("num_beams", 5),
-            max_len=run_cfg.get("max_len", 30),
-            min_len=run_cfg.get("min_len", 1),
-            evaluate=run_cfg.get("evaluate", False),
-            report_metric=run_cfg.get("report_metric", True),
-            constant_baseline=run_cfg.get("constant_baseline", True),
-        )
+        return cls(evaluate=cfg.run_cfg.get("evaluate", False), **cls.options(cfg.run_cfg))
 
     def build_datasets(self, cfg):
         fit_image_sizes(cfg)  # image_size: null = the model's; a different size fails before any work

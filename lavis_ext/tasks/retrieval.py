@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +64,11 @@ class RetrievalTaskExt(TaskExtMixin, BaseTask):
         self.k_test = int(k_test)
         self.loss_weights = {name: float(name in losses) for name in LOSS_FIELDS}
 
-    run_keys = frozenset({"k_test", "losses"})
+    run_options = MappingProxyType({"k_test": 128, "losses": ("itc", "itm", "itg")})
 
     @classmethod
     def setup_task(cls, cfg):
-        run_cfg = cfg.run_cfg
-        return cls(k_test=run_cfg.get("k_test", 128), losses=list(run_cfg.get("losses", ["itc", "itm", "itg"])))
+        return cls(**cls.options(cfg.run_cfg))
 
     def build_model(self, cfg):
         model = super().build_model(cfg)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from types import MappingProxyType
 
 from lavis.common.dist_utils import (
     get_rank,
@@ -74,7 +75,7 @@ class VQATaskExt(TaskExtMixin, VQATask):
 
     # no `prompt`: the dataset applies the question prompt (datasets.<name>.prompt), once, at training and
     # evaluation alike; LAVIS's run.prompt would format the prompted question a second time
-    run_keys = frozenset({"num_beams", "max_len", "min_len", "length_penalty"})
+    run_options = MappingProxyType({"num_beams": 5, "max_len": 10, "min_len": 1, "length_penalty": -1.0})
 
     def __init__(self, num_beams, max_len, min_len, evaluate, length_penalty=-1.0):
         super().__init__(
@@ -95,14 +96,7 @@ class VQATaskExt(TaskExtMixin, VQATask):
 
     @classmethod
     def setup_task(cls, cfg):
-        run_cfg = cfg.run_cfg
-        return cls(
-            num_beams=run_cfg.get("num_beams", 5),
-            max_len=run_cfg.get("max_len", 10),
-            min_len=run_cfg.get("min_len", 1),
-            evaluate=run_cfg.get("evaluate", False),
-            length_penalty=run_cfg.get("length_penalty", -1.0),
-        )
+        return cls(evaluate=cfg.run_cfg.get("evaluate", False), **cls.options(cfg.run_cfg))
 
     def build_datasets(self, cfg):
         # LAVIS's VQATask.build_datasets looks for COCO-format question files; ours need none.

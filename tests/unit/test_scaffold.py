@@ -1,6 +1,6 @@
 """`lavis-ext new task NAME --project DIR`: the guide's steps, run literally in an empty folder, pass and change no
 file of lavis-ext; the file count the guide states is what the scaffold writes; bad names and existing files
-are refused; a task's own ``run_keys`` are valid for that task only."""
+are refused; a task's own ``run_options`` are valid for that task only."""
 from __future__ import annotations
 
 import os
@@ -107,13 +107,13 @@ def test_the_generated_files_compile_and_the_yaml_imports_the_module(tmp_path):
     assert "custom_imports: [my_task_task]" in (tmp_path / "research" / "my_task.yaml").read_text()
 
 
-def test_a_tasks_run_keys_are_valid_for_that_task_only(monkeypatch):
-    """The hook the generated module uses: `run_keys` on the task class widens the check for that task."""
+def test_a_tasks_run_options_are_valid_for_that_task_only(monkeypatch):
+    """The hook the generated module uses: `run_options` on the task class widens the check for that task."""
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
     class WithOption:
-        run_keys = frozenset({"report_every"})
+        run_options = {"report_every": 10}
 
     monkeypatch.setitem(registry.mapping["task_name_mapping"], "scaffold_probe", WithOption)
 
