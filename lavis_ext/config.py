@@ -195,6 +195,13 @@ def check_keys(cfg) -> None:
         if key in RUN_KEY_HINTS and key not in run_keys:
             raise ConfigError(f"run.{key} is not an option of task {task!r}: {RUN_KEY_HINTS[key]}")
         if key not in run_keys:
+            owners = sorted(name for name, cls in _mapping("task_name_mapping").items()
+                            if key in (getattr(cls, "run_options", None) or {}))
+            if owners:  # a real option, of other tasks: the project was written for one of them
+                raise ConfigError(
+                    f"run.{key} is an option of task {', '.join(map(repr, owners))}, not of {task!r}; remove it "
+                    f"from the project (or start from a project written for {task!r})"
+                )
             _fail("run key", key, run_keys, f"run.{key} (task {task!r})")
     arch = cfg.model_cfg.get("arch")
     model_keys = model_keys_for(arch)

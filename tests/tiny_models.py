@@ -49,3 +49,20 @@ class SometimesNaN(torch.nn.Module):
     def forward(self, samples):
         loss = (self.weight * samples["x"]).pow(2).sum()
         return {"loss": loss * float("nan") if samples["bad"] else loss}
+
+
+def retask(project, task: str, out_dir) -> "Path":
+    """``project`` (a YAML path) written to ``out_dir`` as a project of ``task``: the task swapped and the run
+    options only the old task reads dropped (the config check refuses them for ``task``)."""
+    from pathlib import Path
+
+    from lavis_ext.config import run_keys_for
+    from lavis_ext.project_files import load_project_yaml
+
+    cfg = load_project_yaml(project)
+    cfg.run.task = task
+    for key in [k for k in cfg.run if k not in run_keys_for(task)]:
+        cfg.run.pop(key)
+    path = Path(out_dir) / f"{Path(project).stem}_as_{task}.yaml"
+    OmegaConf.save(cfg, path)
+    return path

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lavis_ext import cli
-from tiny_models import QUICK
+from tiny_models import QUICK, retask
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_IMAGES = 32  # two steps of 16
@@ -90,10 +90,13 @@ def test_train_on_img2dataset_shards_without_conversion(img2dataset_shards, tmp_
         "datasets.wds_caption.build_info.shards.train='{00000..00002}.tar'",
         "datasets.wds_caption.on_bad_record=error",  # img2dataset left its failures out: nothing bad may remain
     ]
+    project = REPO / "projects/tiny/caption_opt.yaml"
     if task != "captioning_ext":  # stage 2: the LM loss on the plain caption, no prompt (pretrain_stage2.yaml)
-        options += [f"run.task={task}", "model.prompt=''", "datasets.wds_caption.text_processor.train.prompt=''"]
+        options = [o for o in options if not o.startswith(("run.num_beams", "run.max_len"))]  # captioning's
+        options += ["model.prompt=''", "datasets.wds_caption.text_processor.train.prompt=''"]
+        project = retask(project, task, tmp_path)
     with caplog.at_level("WARNING", logger="lavis_ext.datasets.wds_pipeline"):
-        runner = cli.train(["--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options", *options])
+        runner = cli.train(["--cfg-path", str(project), "--options", *options])
     train = runner.datasets["train"]
     train = getattr(train, "datasets", [train])[0]  # LAVIS may wrap the split in a ChainDataset
     assert len(train) == NUM_IMAGES  # from the NNNNN_stats.json files: one caption per image
