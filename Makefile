@@ -50,7 +50,8 @@ test: setup browser
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-bench: setup data  # the serving benchmark needs the serve extra
+bench: setup data  # the serving benchmark needs the serve extra, and the bench extra for its LitServe peer
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
 	$(PY) bench/run_all.py
 
 clean:
