@@ -115,6 +115,43 @@ class LLMQuantization:
             bnb_4bit_compute_dtype=self.compute_dtype or storage,
         )
 
+    def quantized_linears(self, llm: nn.Module) -> dict[str, nn.Module]:
+        """The ``nn.Linear`` layers of ``llm`` that bitsandbytes quantises when transformers loads it, by
+        dotted name (a LoRA-wrapped layer gives its base layer): transformers' own rule, so a meta build
+        knows them. Kept as they are: the tied embeddings and LM head (``get_keys_to_not_convert``) and the
+        model's ``_keep_in_fp32_modules`` (T5's ``wo``, which overflows in half precision)."""
+        from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+
+        skip = list(get_keys_to_not_convert(llm)) + list(getattr(llm, "_keep_in_fp32_modules", None) or [])
+        found: dict[str, nn.Module] = {}
+
+        def walk(module: nn.Module, prefix: str) -> None:
+            for name, child in module.named_children():
+                full = prefix + name
+                base = child.get_base_layer() if hasattr(child, "get_base_layer") else child
+                if isinstance(base, nn.Linear):
+                    if name not in skip and not any(k + "." in full or k == full for k in skip):
+                        found[full] = base
+                    continue
+                walk(child, full + ".")
+
+        walk(llm, "")
+        return found
+
+    def weight_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes bitsandbytes holds for one quantised ``out x in`` weight (its bias stays as it was).
+
+        8-bit: int8 values and one fp32 scale per row. 4-bit: two values a byte and per 64-value block one
+        absmax, fp32, or with double quantisation uint8 plus one fp32 per 256 blocks, an offset and the
+        256-entry fp32 table of the second level; the 16-entry NF4/FP4 table (fp32) per layer.
+        """
+        n = out_features * in_features
+        if self.bits == 8:
+            return n + 4 * out_features
+        blocks = -(-n // 64)
+        scales = blocks + 4 * -(-blocks // 256) + 4 * 256 + 4 if self.double_quant else 4 * blocks
+        return (n + 1) // 2 + scales + 4 * 16
+
 
 def require_bitsandbytes(what: str) -> None:
     """Fail early, before any weights load, when ``what`` needs bitsandbytes and it is missing."""
