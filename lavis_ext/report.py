@@ -110,17 +110,22 @@ def find_runs(paths: Sequence[str | Path], split: str) -> list[Path]:
 def load_run(run_dir: Path, split: str) -> Run:
     path = _metrics_file(run_dir, split)
     record = json.loads(path.read_text())
-    metrics = {k: v for k, v in record.get("metrics", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    # nested figures (VQA's per_answer_type / per_question_type) as dotted names: per_answer_type.yes/no
+    metrics = {k: v for k, v in _flatten(record.get("metrics", {})).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     config = _logged_config(run_dir)
     epoch = path.name[len(f"{split}_epoch"): -len("_metrics.json")]
     return Run(path=run_dir, config=config, metrics=metrics, epoch=epoch, flat=_flatten(config))
 
 
-def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Group runs whose configs differ only in :data:`IGNORED_KEYS`; each group is named by the config values
-    that set it apart from the other groups (``"all runs"`` when there is one group)."""
+def group_runs(runs: list[Run], ignore: Sequence[str] = ()) -> dict[str, list[Run]]:
+    """Group runs whose configs differ only in :data:`IGNORED_KEYS` and ``ignore`` (e.g. ``model.pretrained`` when
+    each seed starts from its own checkpoint); each group is named by the config values that set it apart from
+    the other groups (``"all runs"`` when there is one group)."""
+    ignored = set(IGNORED_KEYS) | set(ignore)
+
     def key(run: Run) -> str:
-        kept = {k: v for k, v in run.flat.items() if k not in IGNORED_KEYS}
+        kept = {k: v for k, v in run.flat.items() if k not in ignored}
         return json.dumps(kept, sort_keys=True, default=str)
 
     groups: dict[str, list[Run]] = {}
@@ -274,9 +279,11 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default=None, help="write the CSV (per run, then mean/std per group) here")
     parser.add_argument("--plot", default=None, help="write the curves PNG here")
     parser.add_argument("--curves", nargs="+", default=None, help="TensorBoard tags to plot (default train/loss + val metrics)")
+    parser.add_argument("--ignore", nargs="+", default=(), metavar="KEY",
+                        help="config keys that do not split groups, besides the seed and paths (e.g. model.pretrained)")
     args = parser.parse_args(argv)
     runs = [load_run(p, args.split) for p in find_runs(args.runs, args.split)]
-    groups = group_runs(runs)
+    groups = group_runs(runs, args.ignore)
     metrics = _metric_names(runs, args.metrics)
     table = markdown_table(groups, metrics, args.split)
     print(table, end="")

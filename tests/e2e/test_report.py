@@ -69,3 +69,15 @@ def test_one_run_directory_and_bad_requests(sweep):
         report.find_runs([sweep], "val")
     with pytest.raises(KeyError, match="CIDEr"):
         report._metric_names(runs, ["CIDEr"])
+
+
+def test_nested_vqa_figures_and_ignored_keys(sweep, capsys):
+    """Per-type VQA accuracy (nested in the metrics file) is reported as dotted names; `--ignore KEY` merges
+    groups that differ only in KEY (e.g. each seed fine-tuned from its own checkpoint: model.pretrained)."""
+    runs = [report.load_run(p, "test") for p in report.find_runs([sweep], "test")]
+    for run in runs:
+        nested = _test_metrics(run.path)["per_answer_type"]
+        assert nested and all(run.metrics[f"per_answer_type.{k}"] == v for k, v in nested.items())
+    assert len(report.group_runs(runs)) == 2 and list(report.group_runs(runs, ["run.init_lr"])) == ["all runs"]
+    assert report.main([str(sweep), "--ignore", "run.init_lr", "--metrics", "overall", "per_answer_type.other"]) == 0
+    assert "| all runs | 3 |" in capsys.readouterr().out
