@@ -25,7 +25,7 @@ $(CORE_STAMP): pyproject.toml constraints.txt
 	touch $@
 
 $(STAMP): $(CORE_STAMP)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,export,serve,video]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,export,serve,video,quant]"
 	$(PY) -m pip install -q --no-deps -c constraints.txt img2dataset  # see the dev extra in pyproject.toml
 	touch $@
 
