@@ -199,7 +199,8 @@ def check_keys(cfg) -> None:
                             if key in (getattr(cls, "run_options", None) or {}))
             if owners:  # a real option, of other tasks: the project was written for one of them
                 raise ConfigError(
-                    f"run.{key} is an option of task {', '.join(map(repr, owners))}, not of {task!r}; remove it "
+                    f"run.{key} is an option of task{'s' * (len(owners) > 1)} {', '.join(map(repr, owners))}, not of "
+                    f"{task!r}; remove it "
                     f"from the project (or start from a project written for {task!r})"
                 )
             _fail("run key", key, run_keys, f"run.{key} (task {task!r})")

@@ -122,9 +122,18 @@ def checkpoint_of(path: Path) -> Path:
     raise FileNotFoundError(f"no checkpoint_best.safetensors or latest in {path}; did that arm finish?")
 
 
+def shared_vision_options() -> list[str]:
+    """The caption recipe's ViT shape, for every arm: stage 1 hands its ViT to stage 2 and stage 2 to VQA, so
+    the three kinds must build the same tower (the retrieval recipe keeps the tiny default otherwise)."""
+    from lavis_ext.project_files import load_project_yaml
+
+    vit = load_project_yaml(REPO / KINDS["caption"][0]).model.get("vit_config") or {}
+    return [f"model.vit_config.{key}={value}" for key, value in vit.items()]
+
+
 def arm_argv(arm: Arm, seed: int, out: Path, size: str) -> list[str]:
     project, dataset = KINDS[arm.kind]
-    options = []
+    options = shared_vision_options()
     for item in SIZES[size][arm.kind]:
         options.append(f"datasets.{dataset}.build_info.lengths.{item}" if item.startswith("train=") else item)
     options += list(arm.options)
@@ -286,7 +295,8 @@ def itc_only_recall(run: Path) -> dict:
         return retrieval_metrics(sims, sims.t(), img2txt, txt2img)
 
     argv = ["--cfg-path", str(REPO / KINDS["retrieval"][0]), "--checkpoint", str(run), "--options",
-            f"run.output_dir={run / 'itc_only'}", "run.job_id=eval", "run.valid_splits=[]", "run.num_workers=0"]
+            f"run.output_dir={run / 'itc_only'}", "run.job_id=eval", "run.valid_splits=[]", "run.num_workers=0",
+            *shared_vision_options()]
     _, metrics = cli._run(argv, "ITC-only retrieval", score, checkpoint=True)
     metrics = {f"itc_{k}": v for k, v in metrics.items() if k.startswith(("txt_r", "img_r"))}
     cached.write_text(json.dumps(metrics, indent=1) + "\n")
