@@ -75,9 +75,15 @@ LLM_MODEL_KEYS = {
 LLM_SOURCE_KEYS = ("model", "tokenizer", "config")  # opt_model, t5_tokenizer, ...
 
 DATASET_KEYS = {
-    "data_type", "build_info", "vis_processor", "text_processor", "shuffle_buffer", "prompt", "type",
-    "on_bad_record",  # lavis_ext.datasets.bad_records: skip (count, report) or error
+    "data_type", "build_info", "vis_processor", "text_processor", "type",
     "sample_ratio",  # mixing several training datasets (lavis_ext.runners.runner_base, LAVIS main's key)
+}
+"""Every builder has these (LAVIS's base builder and the runner read them); a builder's own keys are its class's
+``dataset_options`` (lavis_ext.datasets.builders.OptionsBuilder)."""
+
+DATASET_KEY_HINTS = {
+    "prompt": "a caption prompt belongs to the text processor (text_processor.train.prompt, e.g. \"a photo of \"); "
+              "datasets.<name>.prompt is the question prompt of a VQA builder",
 }
 
 
@@ -187,6 +193,15 @@ def model_keys_for(arch) -> set[str]:
     return MODEL_KEYS | LLM_MODEL_KEYS | {f"{s.family}_{k}" for s in SPECS.values() for k in LLM_SOURCE_KEYS}
 
 
+def dataset_keys_for(name) -> set[str]:
+    """The dataset-level keys valid for a builder: the shared ones plus its class's ``dataset_options``."""
+    return DATASET_KEYS | set(getattr(_mapping("builder_name_mapping").get(name), "dataset_options", None) or {})
+
+
+def _owners(mapping: str, attribute: str, key: str) -> list[str]:
+    return sorted(name for name, cls in _mapping(mapping).items() if key in (getattr(cls, attribute, None) or {}))
+
+
 def check_keys(cfg) -> None:
     """Keys of the merged LAVIS `Config` (run, model, datasets)."""
     task = cfg.run_cfg.get("task")
@@ -195,8 +210,7 @@ def check_keys(cfg) -> None:
         if key in RUN_KEY_HINTS and key not in run_keys:
             raise ConfigError(f"run.{key} is not an option of task {task!r}: {RUN_KEY_HINTS[key]}")
         if key not in run_keys:
-            owners = sorted(name for name, cls in _mapping("task_name_mapping").items()
-                            if key in (getattr(cls, "run_options", None) or {}))
+            owners = _owners("task_name_mapping", "run_options", key)
             if owners:  # a real option, of other tasks: the project was written for one of them
                 raise ConfigError(
                     f"run.{key} is an option of task{'s' * (len(owners) > 1)} {', '.join(map(repr, owners))}, not of "
@@ -210,9 +224,18 @@ def check_keys(cfg) -> None:
         if key not in model_keys:
             _fail("model key", key, model_keys, f"model.{key} (arch {arch!r})")
     for name, dcfg in cfg.datasets_cfg.items():
+        dataset_keys = dataset_keys_for(name)
         for key in dcfg:
-            if key not in DATASET_KEYS:
-                _fail("dataset key", key, DATASET_KEYS, f"datasets.{name}.{key}")
+            if key in dataset_keys:
+                continue
+            owners = _owners("builder_name_mapping", "dataset_options", key)
+            if owners:  # a real key, of other builders
+                hint = DATASET_KEY_HINTS.get(key, "remove it from the project")
+                raise ConfigError(
+                    f"datasets.{name}.{key} is a key of builder{'s' * (len(owners) > 1)} {', '.join(map(repr, owners))}, "
+                    f"not of {name!r}; {hint}"
+                )
+            _fail("dataset key", key, dataset_keys, f"datasets.{name}.{key} (builder {name!r})")
 
 
 def load_config(args):

@@ -313,10 +313,14 @@ def _eval_processor(config):
 
 
 def _question_prompt(config) -> str:
-    """The VQA prompt the run trained or evaluated with ("{}" when none: the question alone)."""
-    for d in _dataset_configs(config):
-        if d.get("prompt"):
-            return str(d.prompt)
+    """The VQA prompt the run trained or evaluated with: its dataset's, or that builder's default (the builder
+    owns it, :class:`lavis_ext.datasets.builders.OptionsBuilder`); "{}" (the question alone) when none is set."""
+    datasets = config.get("datasets") or {}
+    for name in datasets:
+        options = getattr(registry.get_builder_class(name), "dataset_options", None) or {}
+        if "prompt" in options:
+            prompt = datasets[name].get("prompt", options["prompt"])
+            return str(prompt) if prompt else "{}"
     spec = spec_for_arch(config.model.arch)
     return spec.vqa_prompt if spec is not None else "{}"
 

@@ -54,13 +54,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterator
+from types import MappingProxyType
 
 import torch
 from lavis.common.registry import registry
-from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
 from lavis_ext.datasets.bad_records import BadRecordLog, resolve_policy
-from lavis_ext.datasets.builders import read_build_info
+from lavis_ext.datasets.builders import BAD_RECORD_OPTION, VQA_PROMPT_OPTION, OptionsBuilder, read_build_info
 from lavis_ext.datasets.wds_pipeline import DEFAULT_VQA_PROMPT, collate, format_sample
 from lavis_ext.images import decode_image
 
@@ -595,12 +595,13 @@ def fit_image_sizes(cfg) -> None:
                 )
 
 
-class AnnotationBuilder(BaseDatasetBuilder):
+class AnnotationBuilder(OptionsBuilder):
     """Shared logic; subclasses set ``name``, ``kind`` (a key of :data:`KINDS`) and the default YAML."""
 
     name = "json_caption"
     kind = "caption"
     DATASET_CONFIG_DICT: dict = {}
+    dataset_options = BAD_RECORD_OPTION
 
     def build_datasets(self) -> dict:
         """``{split: AnnotationDataset}``; no download and no barrier (every rank parses the files).
@@ -612,7 +613,7 @@ class AnnotationBuilder(BaseDatasetBuilder):
             BadRecordError: under ``on_bad_record: error``, the first bad record (names file and line).
         """
         self.build_processors()
-        policy = resolve_policy(self.config.get("on_bad_record"), f"datasets.{self.name}.on_bad_record")
+        policy = resolve_policy(self.option("on_bad_record"), f"datasets.{self.name}.on_bad_record")
         info = self._build_info()
         prefix = f"datasets.{self.name}.build_info"
         root = info.get("root")
@@ -635,7 +636,7 @@ class AnnotationBuilder(BaseDatasetBuilder):
                 mode=f"{KINDS[self.kind]}_{proc}",
                 vis_processor=self.vis_processors[proc],
                 text_processor=self.text_processors[proc],
-                prompt=self.config.get("prompt", DEFAULT_VQA_PROMPT),
+                prompt=self.option("prompt") if "prompt" in self.dataset_options else None,
                 name=f"{self.name}/{split}",
                 on_bad_record=bad,
             )
@@ -718,6 +719,7 @@ class JsonVQABuilder(AnnotationBuilder):
     name = "json_vqa"
     kind = "vqa"
     DATASET_CONFIG_DICT = {"default": str(_CONFIGS / "json_vqa" / "defaults.yaml")}
+    dataset_options = MappingProxyType({**BAD_RECORD_OPTION, **VQA_PROMPT_OPTION})
 
 
 @registry.register_builder("coco_caption_file")

@@ -12,15 +12,21 @@ train split samples shards with replacement forever and needs no length, :mod:`l
 
 Lengths, first found wins: ``lengths.<split>``; the sizes file's entry for the split; without either,
 img2dataset's ``NNNNN_stats.json`` beside every local shard of the split (:mod:`lavis_ext.datasets.shard_index`
-says what that assumes). ``lavis-ext shards index ROOT`` writes a sizes file for any shards. The dataset key
-``on_bad_record`` (``skip`` | ``error``, :mod:`lavis_ext.datasets.bad_records`) goes to every split.
+says what that assumes). ``lavis-ext shards index ROOT`` writes a sizes file for any shards.
+
+Dataset-level keys of these builders (``WdsBuilder.dataset_options``, with their defaults): ``on_bad_record``
+(``skip`` | ``error``, :mod:`lavis_ext.datasets.bad_records`), ``shuffle_buffer``, ``decode_cache_mb`` and, for
+``wds_vqa``, the question ``prompt``.
 """
 from __future__ import annotations
 
 import difflib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
@@ -28,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lavis_ext.datasets.shard_index import img2dataset_counts, length_from_stats
 from lavis_ext.datasets.wds_pipeline import (
-    DEFAULT_VQA_PROMPT, MODES, WdsSplitDataset, expand_shards, read_sizes, split_length,
+    DEFAULT_DECODE_CACHE_MB, DEFAULT_VQA_PROMPT, MODES, WdsSplitDataset, expand_shards, read_sizes, split_length,
 )
 from lavis_ext.datasets.wds_stream import ResampledWdsDataset
 
@@ -50,11 +56,34 @@ def read_build_info(config, valid_keys, name: str) -> dict:
     return info
 
 
-class WdsBuilder(BaseDatasetBuilder):
+class OptionsBuilder(BaseDatasetBuilder):
+    """A builder with its own dataset-level keys (next to ``build_info``), defaults stated once in
+    ``dataset_options``: the config check (:func:`lavis_ext.config.dataset_keys_for`) accepts exactly these plus the
+    keys every builder has, and the builder reads them through :meth:`option`."""
+
+    dataset_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+
+    def option(self, key: str):
+        """The project's value of one of this builder's ``dataset_options``, else its default."""
+        return self.config.get(key, self.dataset_options[key])
+
+
+# The keys of every builder of ours: the bad-data policy (lavis_ext.datasets.bad_records: skip | error; None = skip).
+BAD_RECORD_OPTION = MappingProxyType({"on_bad_record": None})
+# The question prompt of a VQA builder, applied once by the dataset at training and evaluation alike.
+VQA_PROMPT_OPTION = MappingProxyType({"prompt": DEFAULT_VQA_PROMPT})
+
+
+class WdsBuilder(OptionsBuilder):
     """Shared logic; subclasses set ``kind`` ("caption" or "vqa") and the default YAML."""
 
     kind = "caption"
     DATASET_CONFIG_DICT: dict = {}
+    dataset_options = MappingProxyType({
+        **BAD_RECORD_OPTION,
+        "shuffle_buffer": 1000,  # train split only: samples held for shuffling
+        "decode_cache_mb": DEFAULT_DECODE_CACHE_MB,  # decoded images kept for their other captions/questions
+    })
 
     @property
     def name(self) -> str:
@@ -123,9 +152,7 @@ class WdsBuilder(BaseDatasetBuilder):
         counts = {**stats, **{os.path.join(str(root), rel) if root is not None and not os.path.isabs(rel) else rel: n
                               for rel, n in (entry.get("shard_samples") or {}).items()}}
         proc = "train" if train else "eval"
-        kwargs = {}
-        if self.kind == "vqa":
-            kwargs["prompt"] = self.config.get("prompt", DEFAULT_VQA_PROMPT)
+        kwargs = {"prompt": self.option("prompt")} if "prompt" in self.dataset_options else {}
         stream_cls = ResampledWdsDataset if train and info.get("resampled") else WdsSplitDataset
         dataset = stream_cls(
             urls=urls,  # expanded and joined to root above
@@ -133,11 +160,12 @@ class WdsBuilder(BaseDatasetBuilder):
             vis_processor=self.vis_processors[proc],
             text_processor=self.text_processors[proc],
             length=length,
-            shuffle_buffer=int(self.config.get("shuffle_buffer", 1000)) if train else 0,
+            shuffle_buffer=int(self.option("shuffle_buffer")) if train else 0,
             seed=int(info.get("seed") or 0),
             split_by=info.get("split_by") or "auto",
             name=f"{self.name}/{split}",
-            on_bad_record=self.config.get("on_bad_record"),  # checked by the dataset, naming datasets.<name>
+            on_bad_record=self.option("on_bad_record"),  # checked by the dataset, naming datasets.<name>
+            decode_cache_mb=self.option("decode_cache_mb"),  # checked by the dataset
             shard_samples=counts,
             **kwargs,
         )
@@ -159,3 +187,4 @@ class WdsVQABuilder(WdsBuilder):
 
     kind = "vqa"
     DATASET_CONFIG_DICT = {"default": str(_CONFIGS / "wds_vqa" / "defaults.yaml")}
+    dataset_options = MappingProxyType({**WdsBuilder.dataset_options, **VQA_PROMPT_OPTION})

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from types import MappingProxyType
 from typing import ClassVar
 
 from lavis.common.registry import registry
@@ -41,8 +42,7 @@ from lavis_ext.datasets.annotations import (
     resolve_image,
 )
 from lavis_ext.datasets.bad_records import BadRecordLog
-from lavis_ext.datasets.builders import read_build_info
-from lavis_ext.datasets.wds_pipeline import DEFAULT_VQA_PROMPT
+from lavis_ext.datasets.builders import BAD_RECORD_OPTION, VQA_PROMPT_OPTION, read_build_info
 from lavis_ext.evaluation.files import read_gqa_questions, read_vqa_files
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class _FilesBuilder(AnnotationBuilder):
 
     BUILD_INFO_KEYS: tuple = ()
     default_pattern = GQA_DEFAULT_PATTERN
+    dataset_options = MappingProxyType({**BAD_RECORD_OPTION, **VQA_PROMPT_OPTION})
 
     def build_datasets(self) -> dict:
         """``{split: AnnotationDataset}`` in ``vqa_train`` (split ``train``) or ``vqa_eval`` mode.
@@ -150,9 +151,9 @@ class _FilesBuilder(AnnotationBuilder):
                 mode=f"vqa_{proc}",
                 vis_processor=self.vis_processors[proc],
                 text_processor=self.text_processors[proc],
-                prompt=self.config.get("prompt", DEFAULT_VQA_PROMPT),
+                prompt=self.option("prompt"),
                 name=f"{self.name}/{split}",
-                on_bad_record=BadRecordLog(self.config.get("on_bad_record"), name=f"datasets.{self.name}",
+                on_bad_record=BadRecordLog(self.option("on_bad_record"), name=f"datasets.{self.name}",
                                            label=f"{self.name}/{split}"),  # unreadable images: skip | error
             )
             answered = sum(1 for r in records if r["answers"])

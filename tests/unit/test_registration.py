@@ -151,3 +151,47 @@ def test_a_run_prompt_on_a_vqa_task_names_the_one_owner():
                             "model_cfg": {"arch": "blip2_opt_ext"}, "datasets_cfg": {}})
     with pytest.raises(ConfigError, match=r"run.prompt is not an option of task 'vqa_ext': the dataset applies .*datasets.<name>.prompt"):
         check_keys(cfg)
+
+
+@pytest.mark.parametrize("builder,key,expected,valid_on", [
+    # a VQA builder's question prompt on a caption builder: the caption prompt is the text processor's
+    ("wds_caption", "prompt", r"datasets.wds_caption.prompt is a key of builders .*'wds_vqa'.*; a caption prompt "
+                              r"belongs to the text processor", "wds_vqa"),
+    # the shard reader's keys on a JSON-file builder
+    ("json_caption", "shuffle_buffer", r"datasets.json_caption.shuffle_buffer is a key of builders 'wds_caption', "
+                                       r"'wds_vqa', not of 'json_caption'; remove it", "wds_caption"),
+    ("wds_vqa", "decode_cache_mbs", r"unknown dataset key 'decode_cache_mbs' at datasets.wds_vqa.decode_cache_mbs "
+                                    r"\(builder 'wds_vqa'\); did you mean 'decode_cache_mb'", None),
+])
+def test_dataset_keys_are_checked_against_the_chosen_builder(builder, key, expected, valid_on):
+    from lavis_ext.config import check_keys
+
+    cfg = OmegaConf.create({"run_cfg": {"task": "captioning_ext"}, "model_cfg": {"arch": "blip2_opt_ext"},
+                            "datasets_cfg": {builder: {key: 1}}})
+    with pytest.raises(ConfigError, match=expected):
+        check_keys(cfg)
+    if valid_on:
+        cfg.datasets_cfg = {valid_on: {key: 1, "sample_ratio": 1}}
+        check_keys(cfg)  # valid where the builder reads it
+
+
+def test_a_builders_option_defaults_are_stated_once_and_read_through_it(synthetic_root):
+    """The default YAML states no dataset option: the builder class's ``dataset_options`` is the one source, the
+    project's value wins over it, and inference reads the prompt a run trained with from the same place."""
+    from lavis.common.registry import registry
+
+    from lavis_ext.inference import _question_prompt
+
+    vqa = registry.get_builder_class("wds_vqa")
+    defaults = OmegaConf.load(vqa.default_config_path()).datasets.wds_vqa
+    assert not set(defaults) & set(vqa.dataset_options)
+    builder = vqa(OmegaConf.merge(defaults, {"build_info": {"root": str(synthetic_root)}, "shuffle_buffer": 7,
+                                                 "decode_cache_mb": 0}))
+    assert builder.option("shuffle_buffer") == 7 and builder.option("prompt") == vqa.dataset_options["prompt"]
+    datasets = builder.build_datasets()
+    assert datasets["train"].shuffle_buffer == 7 and datasets["train"].decode_cache_bytes == 0
+    assert datasets["val"].prompt == vqa.dataset_options["prompt"]
+    config = OmegaConf.create({"model": {"arch": "blip2_opt_ext"}, "datasets": {"wds_vqa": {}}})
+    assert _question_prompt(config) == vqa.dataset_options["prompt"]
+    config.datasets.wds_vqa.prompt = "Q: {} A:"
+    assert _question_prompt(config) == "Q: {} A:"
