@@ -55,25 +55,6 @@ RUN_KEY_HINTS = {
               "datasets.<name>.prompt (e.g. \"Question: {} Answer:\"); a run.prompt would be applied a second time",
 }
 
-MODEL_KEYS = {
-    "arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned",
-    "vit_model", "vit_config", "vit_depth", "image_size", "drop_path_rate", "use_grad_checkpoint", "vit_precision",
-    "freeze_vit", "num_query_token", "cross_attention_freq", "embed_dim", "max_txt_len",
-    "qformer_tokenizer", "qformer_model", "qformer_config",
-    # training strategy (lavis_ext.models.strategies)
-    "freeze_qformer", "lora_qformer", "qformer_grad_checkpoint",
-}
-"""Every BLIP-2 model has these (ViT, Q-Former, loading); models with an LLM add :data:`LLM_MODEL_KEYS` and their
-family's ``{family}_model`` / ``_tokenizer`` / ``_config`` (:func:`model_keys_for`)."""
-
-LLM_MODEL_KEYS = {
-    "prompt", "freeze_llm", "llm_precision", "apply_lemmatizer", "qformer_text_input", "lora_llm", "llm_grad_checkpoint",
-    "decode_impl",  # lean | hf: OPT's decode loop (lavis_ext.models.decode) or transformers' generate
-    # 8/4-bit frozen LLM (lavis_ext.models.llm_specs.QUANTIZATION_DEFAULTS)
-    "llm_quantization", "llm_4bit_quant_type", "llm_4bit_double_quant", "llm_4bit_compute_dtype",
-}
-LLM_SOURCE_KEYS = ("model", "tokenizer", "config")  # opt_model, t5_tokenizer, ...
-
 DATASET_KEYS = {
     "data_type", "build_info", "vis_processor", "text_processor", "type",
     "sample_ratio",  # mixing several training datasets (lavis_ext.runners.runner_base, LAVIS main's key)
@@ -179,18 +160,36 @@ def run_keys_for(task_name) -> set[str]:
 
 
 def model_keys_for(arch) -> set[str]:
-    """The ``model.*`` keys valid for an architecture: ours with an LLM take its family's keys only (``t5_model``
-    for ``blip2_opt_ext`` is refused), ours without one (the stage-1 Q-Former) no LLM key; LAVIS's own classes
-    every key we know."""
-    from lavis_ext.models.llm_specs import SPECS, spec_for_arch
+    """The ``model.*`` keys valid for an architecture: its class's ``model_options`` (ours, and a research project's
+    model, declare every key they read there: ``t5_model`` on ``blip2_opt_ext`` is refused), or, for LAVIS's own
+    classes, which declare none, every key our classes know."""
+    own = getattr(_mapping("model_name_mapping").get(arch), "model_options", None)
+    if own is not None:
+        return set(own)
+    ours = [cls.model_options for cls in _mapping("model_name_mapping").values()
+            if cls.__module__.startswith("lavis_ext.") and getattr(cls, "model_options", None) is not None]
+    return set().union(*ours)
 
-    spec = spec_for_arch(arch)
-    if spec is not None:
-        return MODEL_KEYS | LLM_MODEL_KEYS | {f"{spec.family}_{k}" for k in LLM_SOURCE_KEYS}
-    model_cls = _mapping("model_name_mapping").get(arch)
-    if model_cls is not None and model_cls.__module__.startswith("lavis_ext."):
-        return set(MODEL_KEYS)
-    return MODEL_KEYS | LLM_MODEL_KEYS | {f"{s.family}_{k}" for s in SPECS.values() for k in LLM_SOURCE_KEYS}
+
+def model_option(model_cfg, key: str):
+    """``model.<key>`` of a model config, else the default its arch's class states in ``model_options``.
+
+    LAVIS's own classes state none; they get the default our BLIP-2 classes share
+    (:attr:`lavis_ext.models.components.Blip2ComponentsMixin.model_options`). For ``image_size`` (224) and
+    ``max_txt_len`` (32) those are the defaults of LAVIS's BLIP-2 constructors too; its BLIP (v1) models default
+    to 384 px and 30-40 tokens, which their model-type YAMLs state.
+
+    Raises:
+        KeyError: ``key`` is no model option of the arch's class (nor of ours).
+    """
+    from lavis_ext.models.components import Blip2ComponentsMixin
+
+    arch = model_cfg.get("arch")
+    own = getattr(_mapping("model_name_mapping").get(arch), "model_options", None)
+    defaults = {**Blip2ComponentsMixin.model_options, **(own or {})}
+    if key not in defaults:
+        raise KeyError(f"model.{key} is not a model option of {arch!r}; its class's model_options: {sorted(defaults)}")
+    return model_cfg.get(key, defaults[key])
 
 
 def dataset_keys_for(name) -> set[str]:
@@ -221,8 +220,15 @@ def check_keys(cfg) -> None:
     arch = cfg.model_cfg.get("arch")
     model_keys = model_keys_for(arch)
     for key in cfg.model_cfg:
-        if key not in model_keys:
-            _fail("model key", key, model_keys, f"model.{key} (arch {arch!r})")
+        if key in model_keys:
+            continue
+        owners = _owners("model_name_mapping", "model_options", key)
+        if owners:  # a real key, of other model classes (another LLM family's, an LLM key on stage 1, ...)
+            raise ConfigError(
+                f"model.{key} is a key of arch{'s' * (len(owners) > 1)} {', '.join(map(repr, owners))}, not of "
+                f"{arch!r}; remove it from the project (or set model.arch to the class that reads it)"
+            )
+        _fail("model key", key, model_keys, f"model.{key} (arch {arch!r})")
     for name, dcfg in cfg.datasets_cfg.items():
         dataset_keys = dataset_keys_for(name)
         for key in dcfg:

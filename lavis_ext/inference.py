@@ -30,7 +30,7 @@ lavis_ext.register()  # an entry point of its own (server, apps, scripts): shims
 from lavis.common.registry import registry  # noqa: E402
 
 from lavis_ext.checkpoints import load_trainable, read_metadata, resolve_checkpoint
-from lavis_ext.config import load_config
+from lavis_ext.config import load_config, model_option
 from lavis_ext.custom_imports import DIR_KEY as CUSTOM_DIR_KEY
 from lavis_ext.custom_imports import KEY as CUSTOM_KEY
 from lavis_ext.custom_imports import import_custom_modules
@@ -153,7 +153,7 @@ class Blip2Predictor:
 
     @property
     def image_size(self) -> int:
-        return int(self.config.model.get("image_size", 224))
+        return int(model_option(self.config.model, "image_size"))
 
     def describe(self) -> dict:
         return {
@@ -308,7 +308,7 @@ def _eval_processor(config):
         if proc is not None and proc.get("eval") is not None:
             cfg = proc.eval
             return registry.get_processor_class(cfg.name).from_config(cfg)
-    size = int(config.model.get("image_size", 224))
+    size = int(model_option(config.model, "image_size"))
     return registry.get_processor_class("blip_image_eval").from_config(OmegaConf.create({"image_size": size}))
 
 

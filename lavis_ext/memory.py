@@ -224,10 +224,12 @@ def saved_activation_bytes(model: nn.Module, samples: dict, amp_dtype: torch.dty
 def recipe_samples(cfg, device=META) -> dict:
     """One training batch of the recipe's per-GPU size with captions (or questions and answers) of
     ``max_txt_len`` tokens; the meta tokenizers give one token per word."""
+    from lavis_ext.config import model_option
+
     model_cfg, run_cfg = cfg.model_cfg, cfg.run_cfg
     batch = int(run_cfg.get("batch_size_train", 1))
-    size = int(model_cfg.get("image_size", 224))
-    words = max(int(model_cfg.get("max_txt_len", 32)) - 2, 1)  # room for the special tokens
+    size = int(model_option(model_cfg, "image_size"))
+    words = max(int(model_option(model_cfg, "max_txt_len")) - 2, 1)  # room for the special tokens
     text = " ".join(["word"] * words)
     samples = {"image": torch.empty(batch, 3, size, size, device=device), "text_input": [text] * batch}
     if "vqa" in str(run_cfg.get("task", "")):

@@ -20,8 +20,10 @@ from lavis.models.blip2_models.blip2_opt import Blip2OPT
 from lavis_ext.models.answers import expand_answers, weighted_sequence_loss
 from lavis_ext.models.decode import check_decode_impl
 from lavis_ext.models.generation import Blip2GenerationMixin
-from lavis_ext.models.components import Blip2ComponentsMixin, env_path, vision_kwargs
-from lavis_ext.models.llm_specs import OPT, LLMQuantization
+from lavis_ext.models.components import (
+    Blip2ComponentsMixin, env_path, llm_kwargs, llm_model_options, vision_kwargs, with_options,
+)
+from lavis_ext.models.llm_specs import OPT
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 from lavis_ext.models.strategies import finish_from_config
 
@@ -35,6 +37,9 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
         **lavis_model_types(Blip2OPT),
         "tiny": tiny_config_path("blip2_opt_tiny.yaml"),
     }
+    # every model.* key this class reads, with its default (lavis_ext.models.components): the shared ones, the LLM
+    # ones, opt_model / opt_tokenizer / opt_config, and OPT's decode loop: lean (ours, lavis_ext.models.decode) | hf
+    model_options = llm_model_options(OPT, decode_impl=Blip2GenerationMixin.decode_impl)
 
     def __init__(
         self,
@@ -177,17 +182,7 @@ class Blip2OPTExt(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2OPT):
 
     @classmethod
     def from_config(cls, cfg):
-        model = cls(
-            **vision_kwargs(cfg),
-            opt_model=cfg.get("opt_model"),
-            prompt=cfg.get("prompt", ""),
-            max_txt_len=cfg.get("max_txt_len", 32),
-            opt_tokenizer=cfg.get("opt_tokenizer"),
-            opt_config=cfg.get("opt_config"),
-            freeze_llm=cfg.get("freeze_llm", True),
-            llm_precision=cfg.get("llm_precision"),
-            qformer_text_input=cfg.get("qformer_text_input", False),
-            llm_quantization=LLMQuantization.from_config(cfg, OPT),
-        )
-        model.decode_impl = check_decode_impl(cfg.get("decode_impl", "lean"))
-        return finish_from_config(model, cfg)
+        opts = cls.options(cfg)
+        model = cls(**vision_kwargs(opts), **llm_kwargs(opts, cfg, OPT), max_txt_len=opts["max_txt_len"])
+        model.decode_impl = check_decode_impl(opts["decode_impl"])
+        return finish_from_config(model, with_options(cfg, opts))

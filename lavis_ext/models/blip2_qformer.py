@@ -6,10 +6,12 @@ process (`dist.get_rank()` in `forward`): `lavis_ext.dist.init_distributed` alwa
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-from lavis_ext.models.components import Blip2ComponentsMixin, vision_kwargs
+from lavis_ext.models.components import Blip2ComponentsMixin, vision_kwargs, with_options
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 from lavis_ext.models.strategies import finish_from_config
 
@@ -20,6 +22,9 @@ class Blip2QformerExt(Blip2ComponentsMixin, Blip2Qformer):
         **lavis_model_types(Blip2Qformer),
         "tiny": tiny_config_path("blip2_qformer_tiny.yaml"),
     }
+    # every model.* key this class reads, with its default: the shared ones (lavis_ext.models.components; no LLM
+    # key) and the width of the ITC projections
+    model_options = MappingProxyType({**Blip2ComponentsMixin.model_options, "embed_dim": 256})
 
     def __init__(self, components=None, **kwargs):
         self._remember_components(components)
@@ -27,9 +32,6 @@ class Blip2QformerExt(Blip2ComponentsMixin, Blip2Qformer):
 
     @classmethod
     def from_config(cls, cfg):
-        model = cls(
-            **vision_kwargs(cfg),
-            embed_dim=cfg.get("embed_dim", 256),
-            max_txt_len=cfg.get("max_txt_len", 32),
-        )
-        return finish_from_config(model, cfg)
+        opts = cls.options(cfg)
+        model = cls(**vision_kwargs(opts), embed_dim=opts["embed_dim"], max_txt_len=opts["max_txt_len"])
+        return finish_from_config(model, with_options(cfg, opts))

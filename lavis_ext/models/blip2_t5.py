@@ -17,8 +17,10 @@ from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_ext.models.answers import expand_answers, weighted_sequence_loss
 from lavis_ext.models.generation import Blip2GenerationMixin
-from lavis_ext.models.components import Blip2ComponentsMixin, env_path, vision_kwargs
-from lavis_ext.models.llm_specs import T5, LLMQuantization
+from lavis_ext.models.components import (
+    Blip2ComponentsMixin, env_path, llm_kwargs, llm_model_options, vision_kwargs, with_options,
+)
+from lavis_ext.models.llm_specs import T5
 from lavis_ext.models.model_types import lavis_model_types, tiny_config_path
 from lavis_ext.models.strategies import finish_from_config
 
@@ -33,6 +35,10 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
         **lavis_model_types(Blip2T5),
         "tiny": tiny_config_path("blip2_t5_tiny.yaml"),
     }
+    # every model.* key this class reads, with its default (lavis_ext.models.components): the shared ones, the LLM
+    # ones, t5_model / t5_tokenizer / t5_config, and LAVIS's answer lemmatizer (its OK-VQA protocol for Flan-T5).
+    # No decode_impl: Flan-T5 always decodes with transformers' generate.
+    model_options = llm_model_options(T5, apply_lemmatizer=False)
 
     def __init__(
         self,
@@ -143,17 +149,9 @@ class Blip2T5Ext(Blip2ComponentsMixin, Blip2GenerationMixin, Blip2T5):
 
     @classmethod
     def from_config(cls, cfg):
+        opts = cls.options(cfg)
         model = cls(
-            **vision_kwargs(cfg),
-            t5_model=cfg.get("t5_model"),
-            prompt=cfg.get("prompt", ""),
-            max_txt_len=cfg.get("max_txt_len", 32),
-            apply_lemmatizer=cfg.get("apply_lemmatizer", False),
-            t5_tokenizer=cfg.get("t5_tokenizer"),
-            t5_config=cfg.get("t5_config"),
-            freeze_llm=cfg.get("freeze_llm", True),
-            llm_precision=cfg.get("llm_precision"),
-            qformer_text_input=cfg.get("qformer_text_input", False),
-            llm_quantization=LLMQuantization.from_config(cfg, T5),
+            **vision_kwargs(opts), **llm_kwargs(opts, cfg, T5),
+            max_txt_len=opts["max_txt_len"], apply_lemmatizer=opts["apply_lemmatizer"],
         )
-        return finish_from_config(model, cfg)
+        return finish_from_config(model, with_options(cfg, opts))

@@ -14,6 +14,11 @@ mixin below overrides those hooks, which LAVIS calls through `self`, so the mode
 * ``pretrained`` / ``finetuned``: our ``.safetensors`` checkpoints, or LAVIS's ``.pth`` releases (URL or
   path) read with ``torch.load(weights_only=True)`` and reported key by key (:meth:`Blip2ComponentsMixin.load_release`).
 
+Every ``model.*`` key a class reads is declared once, with its default, in the class's ``model_options``
+(:attr:`Blip2ComponentsMixin.model_options`: the image side, the Q-Former, checkpoints; :data:`LLM_OPTIONS` and
+:func:`llm_model_options`: a model with an LLM), and read through :meth:`Blip2ComponentsMixin.options`. The config
+check accepts exactly those keys for that class (:func:`lavis_ext.config.model_keys_for`).
+
 The mixin must come before the LAVIS class in the bases so its hooks win.
 """
 from __future__ import annotations
@@ -23,11 +28,13 @@ import logging
 import os
 from collections.abc import Iterator
 from functools import partial
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn as nn
 
+from lavis_ext.models.llm_specs import QUANTIZATION_DEFAULTS, LLMQuantization, LLMSpec
 from lavis_ext.precision import block_autocast
 
 logger = logging.getLogger(__name__)
@@ -54,16 +61,50 @@ def _plain(cfg: Any) -> dict:
     return dict(cfg)
 
 
+def _plain_value(value: Any) -> Any:
+    """An OmegaConf node as a plain container (interpolations resolved); anything else as it is."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 class Blip2ComponentsMixin:
     """Config-driven overrides of LAVIS's `init_tokenizer`, `init_Qformer`, `init_vision_encoder`
-    and `load_checkpoint_from_config` hooks (see the module docstring)."""
+    and `load_checkpoint_from_config` hooks (see the module docstring), and the model keys they read."""
+
+    # The model.* keys of every BLIP-2 class of ours, with their defaults, stated once: the config check accepts a
+    # class's `model_options` and nothing else (lavis_ext.config.model_keys_for); `from_config`, these hooks and
+    # lavis_ext.inference / lavis_ext.memory read them through `options` / `config.model_option`.
+    model_options: ClassVar[Mapping[str, Any]] = MappingProxyType({
+        # written by LAVIS's config machinery (the model-type YAMLs, `Config`); the class reads no arch or type
+        "arch": None, "model_type": None,
+        # checkpoints (load_checkpoint_from_config, strategies.finish_from_config): a path or LAVIS URL each
+        "load_finetuned": False, "load_pretrained": True, "pretrained": None, "finetuned": None,
+        # vision encoder: eva_clip_g / clip_L (LAVIS's towers) or tiny (vit_config); vit_depth cuts eva_clip_g
+        "vit_model": "eva_clip_g", "vit_config": None, "vit_depth": None, "image_size": 224, "drop_path_rate": 0,
+        "use_grad_checkpoint": False, "vit_precision": "fp16", "freeze_vit": True,
+        # Q-Former: a hub name or directory (qformer_model: null -> random from qformer_config)
+        "num_query_token": 32, "cross_attention_freq": 2, "qformer_tokenizer": "bert-base-uncased",
+        "qformer_model": "bert-base-uncased", "qformer_config": None,
+        "max_txt_len": 32,  # text tokens: the Q-Former's question and stage 1's captions, the LLM's text
+        # the Q-Former's training strategy (lavis_ext.models.strategies)
+        "freeze_qformer": False, "lora_qformer": None, "qformer_grad_checkpoint": False,
+    })
+
+    @classmethod
+    def options(cls, cfg: Mapping | None = None) -> dict:
+        """This class's ``model_options``: the config's values over the defaults (OmegaConf nodes as plain
+        containers). Keys the class does not declare are not in it."""
+        return {key: _plain_value(cfg.get(key, default) if cfg is not None else default)
+                for key, default in cls.model_options.items()}
 
     def _remember_components(self, components: Mapping[str, Any] | None) -> None:
         # Set before nn.Module.__init__ runs (the LAVIS __init__ calls the hooks), so plain object attr.
         object.__setattr__(self, "_components", _plain(components))
 
-    def _component(self, key: str, default: Any = None) -> Any:
-        return getattr(self, "_components", {}).get(key, default)
+    def _component(self, key: str) -> Any:
+        """A component key (:data:`COMPONENT_KEYS`) as given to the constructor, else its ``model_options`` default."""
+        return getattr(self, "_components", {}).get(key, self.model_options[key])
 
     # ---- hooks LAVIS calls through self -------------------------------------------------------
     def maybe_autocast(self, dtype=None, block: nn.Module | None = None):
@@ -78,7 +119,7 @@ class Blip2ComponentsMixin:
 
         from lavis_ext.models import meta
 
-        source = self._component("qformer_tokenizer") or "bert-base-uncased"
+        source = self._component("qformer_tokenizer") or self.model_options["qformer_tokenizer"]  # null: the default
         if meta.meta_build_active():  # a hub name gives the vocabulary-size stand-in (see lavis_ext.models.meta)
             tokenizer = meta.tokenizer_for(source, BertTokenizer.from_pretrained)
         else:
@@ -92,7 +133,7 @@ class Blip2ComponentsMixin:
 
         from lavis_ext.models import meta
 
-        source = self._component("qformer_model", "bert-base-uncased")
+        source = self._component("qformer_model")  # null: random, from qformer_config
         on_meta = meta.meta_build_active()
         if source and on_meta:
             config = meta.llm_config(BertConfig, source)
@@ -176,13 +217,14 @@ class Blip2ComponentsMixin:
         if meta.meta_build_active():
             logger.info("meta build: checkpoints are not read")
             return None
-        if cfg.get("load_finetuned", False):
-            path = cfg.get("finetuned")
+        opts = self.options(cfg)
+        if opts["load_finetuned"]:
+            path = opts["finetuned"]
             if not path:
                 raise ValueError("model.load_finetuned is true but model.finetuned is empty; set a path/URL or load_finetuned: false")
             return self.load_checkpoint(url_or_filename=path)
-        if cfg.get("load_pretrained", True) and cfg.get("pretrained"):
-            return self.load_from_pretrained(url_or_filename=cfg.get("pretrained"), **kwargs)
+        if opts["load_pretrained"] and opts["pretrained"]:
+            return self.load_from_pretrained(url_or_filename=opts["pretrained"], **kwargs)
         logger.info("no pretrained/finetuned checkpoint configured: weights are as initialised")
         return None
 
@@ -323,34 +365,68 @@ class Blip2ComponentsMixin:
         return module
 
 
-def vision_kwargs(cfg) -> dict:
-    """Constructor arguments of the image side, read from a model config with LAVIS's defaults."""
+# ---- from_config helpers: the model keys -> constructor arguments --------------------------------------
+COMPONENT_KEYS = ("qformer_tokenizer", "qformer_model", "qformer_config", "vit_config", "vit_depth")
+"""Keys the hooks above read (through ``_component``), handed to the constructor as ``components``."""
+
+LLM_OPTIONS: Mapping[str, Any] = MappingProxyType({
+    "prompt": "",  # the caption prompt (a VQA question's prompt is the dataset's: datasets.<name>.prompt)
+    "freeze_llm": True,
+    "llm_precision": None,  # the LLM's storage dtype; null: the family's (LLMSpec.default_storage)
+    "qformer_text_input": False,  # the question reaches the Q-Former too (the paper's VQA fine-tuning)
+    "lora_llm": None, "llm_grad_checkpoint": False,  # the LLM's training strategy (lavis_ext.models.strategies)
+    **QUANTIZATION_DEFAULTS,  # an 8/4-bit frozen LLM (LLMQuantization)
+})
+"""The keys of every BLIP-2 class with an LLM (OPT, Flan-T5, a new family) beside the shared ones and the family's
+``LLMSpec.source_keys``; composed by :func:`llm_model_options`."""
+_LLM_ARGUMENTS = ("prompt", "freeze_llm", "llm_precision", "qformer_text_input")  # constructor arguments of that name
+
+
+def llm_model_options(spec: LLMSpec, **own: Any) -> Mapping[str, Any]:
+    """The ``model_options`` of a BLIP-2 class with an LLM of ``spec``'s family: the shared keys
+    (:attr:`Blip2ComponentsMixin.model_options`), :data:`LLM_OPTIONS`, the family's sources (``opt_model``,
+    ``opt_tokenizer``, ``opt_config``: null by default), then the class's ``own`` keys and defaults."""
+    return MappingProxyType({**Blip2ComponentsMixin.model_options, **LLM_OPTIONS, **dict.fromkeys(spec.source_keys),
+                             **own})
+
+
+def vision_kwargs(opts: Mapping) -> dict:
+    """Constructor arguments of the image side, from a class's ``options(cfg)``."""
     return {
-        "vit_model": cfg.get("vit_model", "eva_clip_g"),
-        "img_size": cfg.get("image_size"),
-        "drop_path_rate": cfg.get("drop_path_rate", 0),
-        "use_grad_checkpoint": cfg.get("use_grad_checkpoint", False),
-        "vit_precision": _vit_precision(cfg),
-        "freeze_vit": cfg.get("freeze_vit", True),
-        "num_query_token": cfg.get("num_query_token"),
-        "cross_attention_freq": cfg.get("cross_attention_freq", 2),
-        "components": component_kwargs(cfg),
+        "vit_model": opts["vit_model"],
+        "img_size": opts["image_size"],
+        "drop_path_rate": opts["drop_path_rate"],
+        "use_grad_checkpoint": opts["use_grad_checkpoint"],
+        "vit_precision": _vit_precision(opts),
+        "freeze_vit": opts["freeze_vit"],
+        "num_query_token": opts["num_query_token"],
+        "cross_attention_freq": opts["cross_attention_freq"],
+        "components": {key: opts[key] for key in COMPONENT_KEYS},
     }
 
 
-def _vit_precision(cfg) -> str:
+def llm_kwargs(opts: Mapping, cfg, spec: LLMSpec) -> dict:
+    """Constructor arguments of the LLM side (``opt_model=...``, ``prompt=...``, ``llm_quantization=...``), from a
+    class's ``options(cfg)``. The quantisation reads ``cfg`` itself: it tells a 4-bit key set in the project from its
+    default (:meth:`LLMQuantization.from_config`)."""
+    return {**{key: opts[key] for key in (*_LLM_ARGUMENTS, *spec.source_keys)},
+            "llm_quantization": LLMQuantization.from_config(cfg, spec)}
+
+
+def with_options(cfg, opts: Mapping) -> dict:
+    """``cfg`` as a plain dict with a class's ``options(cfg)`` over it: what ``finish_from_config`` gets, so the
+    strategy and checkpoint code see the defaults stated here, while a key the class does not declare still reaches
+    them (``lora_llm`` on a stage-1 model fails there, as before)."""
+    return {**_plain(cfg), **opts}
+
+
+def _vit_precision(opts: Mapping) -> str:
     """A ViT that trains stays fp32: fp16 ViT training diverges (LAVIS#409), as the paper notes."""
-    precision = cfg.get("vit_precision", "fp16")
-    if precision == "fp16" and not cfg.get("freeze_vit", True):
+    precision = opts["vit_precision"]
+    if precision == "fp16" and not opts["freeze_vit"]:
         logger.info("freeze_vit is false: keeping the ViT in fp32 instead of vit_precision fp16")
         return "fp32"
     return precision
-
-
-def component_kwargs(cfg) -> dict:
-    """The component keys of a model config (see module docstring)."""
-    keys = ("qformer_tokenizer", "qformer_model", "qformer_config", "vit_config", "vit_depth")
-    return {k: cfg.get(k) for k in keys if k in cfg}
 
 
 def env_path(value: str | None) -> str | None:

@@ -174,6 +174,13 @@ class LLMSpec:
     _build: Callable[..., tuple[Any, nn.Module]]  # (tokenizer_source, source, inline, dtype, on_meta, load_kwargs)
 
     @property
+    def source_keys(self) -> tuple[str, str, str]:
+        """The model keys that say where this family's LLM comes from: ``{family}_model`` (hub name or directory of
+        weights), ``{family}_tokenizer``, ``{family}_config`` (an inline config: a random LLM). The model class's
+        ``model_options`` take them from here (:func:`lavis_ext.models.components.llm_model_options`)."""
+        return (f"{self.family}_model", f"{self.family}_tokenizer", f"{self.family}_config")
+
+    @property
     def attr(self) -> str:
         """The attribute our model class holds the LLM in (and ``{family}_tokenizer``, ``{family}_proj``)."""
         return f"{self.family}_model"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import pytest
 from lavis.common.registry import registry
@@ -126,6 +127,9 @@ def test_importing_the_runners_changes_no_lavis_name_until_register():
 @pytest.mark.parametrize("section,key,arch,task", [
     ("model", "t5_model", "blip2_opt_ext", "captioning_ext"),       # the other LLM family's key
     ("model", "freeze_llm", "blip2_qformer_ext", "retrieval_ext"),  # a stage-1 model has no LLM
+    ("model", "decode_impl", "blip2_t5_ext", "captioning_ext"),     # OPT's decode loop: Flan-T5 never reads it
+    ("model", "apply_lemmatizer", "blip2_opt_ext", "vqa_ext"),      # Flan-T5's OK-VQA lemmatizer
+    ("model", "embed_dim", "blip2_opt_ext", "captioning_ext"),      # stage 1's ITC width
     ("run", "k_test", "blip2_opt_ext", "captioning_ext"),           # retrieval's option in a captioning run
     ("run", "constant_baseline", "blip2_opt_ext", "vqa_ext"),       # captioning's option in a VQA run
 ])
@@ -135,10 +139,12 @@ def test_keys_are_checked_against_the_chosen_class(section, key, arch, task):
     cfg = OmegaConf.create({"run_cfg": {"task": task}, "model_cfg": {"arch": arch}, "datasets_cfg": {}})
     cfg[f"{section}_cfg"][key] = 1
     expected = (rf"run.{key} is an option of tasks? .*'\w+', not of '{task}'; remove it" if section == "run"
-                else rf"unknown model key '{key}' at model\.{key} \(arch ")
+                else rf"model\.{key} is a key of archs? .*'\w+', not of '{arch}'; remove it")
     with pytest.raises(ConfigError, match=expected):
         check_keys(cfg)
     other = {"t5_model": ("blip2_t5_ext", task), "freeze_llm": ("blip2_opt_ext", task),
+             "decode_impl": ("blip2_opt_ext", task), "apply_lemmatizer": ("blip2_t5_ext", task),
+             "embed_dim": ("blip2_qformer_ext", "retrieval_ext"),
              "k_test": (arch, "retrieval_ext"), "constant_baseline": (arch, "captioning_ext")}[key]
     cfg.model_cfg.arch, cfg.run_cfg.task = other
     check_keys(cfg)  # valid where the class reads it
@@ -195,3 +201,107 @@ def test_a_builders_option_defaults_are_stated_once_and_read_through_it(syntheti
     assert _question_prompt(config) == vqa.dataset_options["prompt"]
     config.datasets.wds_vqa.prompt = "Q: {} A:"
     assert _question_prompt(config) == "Q: {} A:"
+
+
+# ---- model keys: each class's model_options ----------------------------------------------------------
+MODEL_ARCHS = ("blip2_opt_ext", "blip2_t5_ext", "blip2_qformer_ext")
+
+
+class _Recording(Mapping):
+    """A model config that notes every key read from it (``get``, ``[]``, ``in``)."""
+
+    def __init__(self, cfg, seen: set):
+        self._cfg, self._seen = cfg, seen
+
+    def __getitem__(self, key):
+        self._seen.add(key)
+        return self._cfg[key]
+
+    def get(self, key, default=None):
+        self._seen.add(key)
+        return self._cfg.get(key, default)
+
+    def __contains__(self, key):
+        self._seen.add(key)
+        return key in self._cfg
+
+    def __iter__(self):
+        return iter(self._cfg)
+
+    def __len__(self):
+        return len(self._cfg)
+
+
+@pytest.mark.parametrize("arch", MODEL_ARCHS)
+def test_every_model_key_a_class_reads_is_in_its_model_options(arch, synthetic_root, monkeypatch):
+    """Built from its tiny config, a class reads no model key it does not declare: neither ``from_config`` nor the
+    strategy code it ends with (which gets a plain copy, so its reads are recorded where it is called)."""
+    from lavis_ext.models import strategies
+    from tiny_models import tiny_config
+
+    cls = registry.get_model_class(arch)
+    read, strategy_read = set(), set()
+    apply = strategies.apply_training_strategy
+    monkeypatch.setattr(strategies, "apply_training_strategy",
+                        lambda model, cfg: apply(model, _Recording(cfg, strategy_read)))
+    cls.from_config(_Recording(tiny_config(arch), read))
+    assert read and read <= set(cls.model_options), sorted(read - set(cls.model_options))
+    undeclared = strategy_read - set(cls.model_options)
+    # the strategy code reads the LLM keys of every model, to refuse them where there is no LLM
+    assert undeclared == ({"lora_llm", "llm_grad_checkpoint"} if arch == "blip2_qformer_ext" else set())
+    for key in sorted(undeclared):
+        with pytest.raises(ValueError, match=f"{key} is set but Blip2QformerExt has no language model"):
+            cls.from_config(tiny_config(arch, **{key: {"r": 2} if key == "lora_llm" else True}))
+
+
+def test_model_defaults_are_stated_once_and_read_through_options(synthetic_root):
+    """``options({})`` holds the defaults ``from_config`` used before they moved there, and a model built without
+    those keys gets them."""
+    from tiny_models import tiny_config
+
+    opt, t5, qformer = (registry.get_model_class(arch) for arch in MODEL_ARCHS)
+    defaults = opt.options({})
+    assert {k: defaults[k] for k in ("decode_impl", "max_txt_len", "prompt", "freeze_llm", "cross_attention_freq",
+                                     "vit_model", "vit_precision", "freeze_vit", "qformer_text_input")} == {
+        "decode_impl": "lean", "max_txt_len": 32, "prompt": "", "freeze_llm": True, "cross_attention_freq": 2,
+        "vit_model": "eva_clip_g", "vit_precision": "fp16", "freeze_vit": True, "qformer_text_input": False}
+    assert t5.options({})["apply_lemmatizer"] is False and qformer.options({})["embed_dim"] == 256
+    # the shared keys are stated once, in the components mixin, and every class takes them as they are there
+    from lavis_ext.models.components import Blip2ComponentsMixin
+
+    shared = Blip2ComponentsMixin.model_options
+    for cls in (opt, t5, qformer):
+        assert {k: cls.model_options[k] for k in shared} == dict(shared)
+    assert opt.options({"max_txt_len": 9, "unknown": 1}) == {**defaults, "max_txt_len": 9}
+
+    cfg = tiny_config("blip2_opt_ext")
+    for key in ("prompt", "max_txt_len", "freeze_llm"):
+        cfg.pop(key)
+    model = opt.from_config(cfg)
+    assert model.prompt == "" and model.max_txt_len == 32 and model.decode_impl == "lean"
+    assert not any(p.requires_grad for p in model.opt_model.parameters())  # freeze_llm's default
+
+
+def test_model_option_asks_the_arch_and_falls_back_for_lavis_classes():
+    from lavis_ext.config import model_option
+
+    assert model_option({"arch": "blip2_opt_ext"}, "image_size") == 224
+    assert model_option({"arch": "blip2_opt_ext", "image_size": 64}, "image_size") == 64
+    assert model_option({"arch": "blip2_qformer_ext"}, "embed_dim") == 256
+    assert model_option({"arch": "blip2_opt"}, "max_txt_len") == 32  # LAVIS's own class: the shared default
+    with pytest.raises(KeyError, match=r"model.prompt is not a model option of 'blip2_qformer_ext'"):
+        model_option({"arch": "blip2_qformer_ext"}, "prompt")
+
+
+def test_a_misspelt_model_key_names_the_closest_valid_ones_and_lavis_classes_stay_permissive():
+    from lavis_ext.config import check_keys, model_keys_for
+
+    cfg = OmegaConf.create({"run_cfg": {"task": "captioning_ext"},
+                            "model_cfg": {"arch": "blip2_opt_ext", "frezee_vit": 1}, "datasets_cfg": {}})
+    expected = r"unknown model key 'frezee_vit' at model\.frezee_vit \(arch 'blip2_opt_ext'\); did you mean 'freeze_vit'"
+    with pytest.raises(ConfigError, match=expected):
+        check_keys(cfg)
+    # LAVIS's own classes declare no model_options: every key one of ours reads
+    assert model_keys_for("blip2_opt") == set().union(*(registry.get_model_class(a).model_options for a in MODEL_ARCHS))
+    cfg.model_cfg = {"arch": "blip2_opt", "t5_model": 1, "embed_dim": 1}
+    check_keys(cfg)
