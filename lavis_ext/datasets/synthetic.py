@@ -59,9 +59,12 @@ RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "be
 SPLITS = ("train", "val", "test")
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
-# Defaults: 50 images per shard gives train 40 shards and val/test 4 each, so every split divides
+# Defaults: 50 images per shard gives train 80 shards and val/test 4 each, so every split divides
 # evenly over 1, 2 or 4 readers (ranks x DataLoader workers): each sample exactly once per epoch.
-DEFAULT_NUM_IMAGES = {"train": 2000, "val": 200, "test": 200}
+# 4000 training images (issue 17): the same CPU time spent on twice the images for half the epochs lifted the
+# demo's test CIDEr-D from 3.47 to 3.6-3.9 (2000 images, each seen 100 times, gave the model too little variety).
+# Every example depends on (seed, split, index) only, so val/test and the first 2000 train images are unchanged.
+DEFAULT_NUM_IMAGES = {"train": 4000, "val": 200, "test": 200}
 DEFAULT_IMAGES_PER_SHARD = 50
 NUM_CAPTIONS = 5
 NUM_ANSWERS = 10
@@ -345,7 +348,7 @@ def generate_dataset(
     Args:
         out_dir: output folder (created).
         seed: world seed; the same seed gives the same bytes.
-        num_images: images per split, e.g. ``{"train": 2000, "val": 200, "test": 200}`` (the default).
+        num_images: images per split, e.g. ``{"train": 4000, "val": 200, "test": 200}`` (the default).
         image_size: square image side in pixels.
         images_per_shard: shard size; pick it so each split's shard count divides by ranks x workers.
         tokenizers: also build ``tokenizers/{bert,opt,t5}`` from all the text (needs

@@ -106,7 +106,7 @@ def test_vqa_recipe_from_a_caption_run_answers_from_the_image(tmp_path, monkeypa
     from lavis_ext.datasets.synthetic import generate_dataset
 
     root = tmp_path / "synthetic"
-    generate_dataset(root, seed=0, tokenizers=True)  # the full set: 2000 train images, 8000 questions
+    generate_dataset(root, seed=0, tokenizers=True)  # the full set: 4000 train images, 16000 questions
     monkeypatch.setenv("LAVIS_EXT_DATA", str(root))  # the tiny models' tokenizers and the builders' root
     vit = "model.vit_config={patch_size: 16, width: 96, depth: 4, heads: 4, mlp_ratio: 4.0}"  # as vqa_opt.yaml
     caption = cli.train(["--cfg-path", str(REPO / "projects/tiny/caption_opt.yaml"), "--options", vit,
