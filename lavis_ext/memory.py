@@ -338,7 +338,7 @@ def markdown(rows: list[dict]) -> str:
         "",
         "## Measured peak memory on a GPU",
         "",
-        "Pending (no GPU in this session): `torch.cuda.max_memory_allocated` of a few training steps per row, to set",
+        "Pending (no GPU in this session): the peak allocated GPU memory of a few training steps per row, to set",
         "against the totals above.",
         "",
     ]

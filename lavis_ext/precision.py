@@ -1,6 +1,6 @@
 """Precision: the one owner of which dtype each part of a run stores and computes in.
 
-Why a module of its own: LAVIS's ``Blip2Base.maybe_autocast`` enters ``torch.cuda.amp.autocast(float16)`` on any
+Why a module of its own: LAVIS's ``Blip2Base.maybe_autocast`` enters CUDA autocast in float16 (``amp.autocast``) on any
 non-CPU device. Nested inside the run's autocast it overrode ``run.amp_dtype: bf16``, computed in fp16 under
 ``amp: false``, and ran a trainable fp32 ViT in fp16 (the divergence LAVIS#409 reports). The rule here:
 
