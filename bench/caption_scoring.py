@@ -8,8 +8,12 @@ temp folder instead of site-packages (the same work).
 Ours: ``lavis_ext.evaluation.score.score_captions`` on the same two files (reading them included): one tokenizer JVM,
 METEOR's paraphrase table cut to what the references can use (lavis_ext/evaluation/meteor_paraphrases.py; its
 one-time index of the full table is built before the timed runs and reported), METEOR fed without round trips from
-a thread, over two JVMs for large sets, BLEU/ROUGE-L/CIDEr-D meanwhile. Every run is a full evaluation: the
-references are normalised and the table cut again each time.
+a thread, over two JVMs for large sets, BLEU/ROUGE-L/CIDEr-D meanwhile. Ours is timed two ways: new references
+each call (its memo of reference-side work cleared first: the references are tokenised, normalised and the table
+cut every time), and the same references as its previous call (the validation set scored every epoch of a
+training run: the process remembers the references' tokens and METEOR words, so only the candidates are
+tokenised and METEOR starts scoring at once; ``caption_metrics._ReferenceMemo``). The peer has no such memo: LAVIS
+runs ``COCOEvalCap`` afresh each epoch.
 
 The captions are synthetic and deterministic (seeded): 8-16 words from COCO-like templates, mixed case and
 punctuation, with two vocabularies: ~100 template words ("small"), or most nouns drawn by a Zipf law from 10,000
@@ -153,6 +157,15 @@ def run_peer(gt: Path, res: Path, tmp: Path) -> dict:
 
 
 def run_ours(gt: Path, res: Path, tmp: Path) -> dict:
+    """New references: the memo of an earlier call on them is cleared first."""
+    from lavis_ext.evaluation.caption_metrics import REFERENCE_MEMO
+
+    REFERENCE_MEMO.clear()
+    return run_ours_same_references(gt, res, tmp)
+
+
+def run_ours_same_references(gt: Path, res: Path, tmp: Path) -> dict:
+    """The references of the previous call (every epoch's validation): their tokens and METEOR words remembered."""
     from lavis_ext.evaluation.score import score_captions
 
     report = score_captions(res, gt, metrics=["BLEU", "METEOR", "ROUGE_L", "CIDEr"], work_dir=tmp / "ours")
@@ -249,24 +262,25 @@ def measure(args, vocabulary_name: str, index_note: str) -> list[dict]:
     nouns = wordnet_nouns(10_000) if vocabulary_name == "large" else None
     refs, preds = make_captions(args.images, args.refs, nouns=nouns)
     vocabulary = {w for captions in refs.values() for c in captions for w in c.lower().split()}
-    times: dict[str, list[float]] = {"peer": [], "ours": []}
-    cpu: dict[str, list[float]] = {"peer": [], "ours": []}
+    sides = (("peer", run_peer), ("ours", run_ours), ("ours_memo", run_ours_same_references))
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in sides}
     worst = 0.0
     with tempfile.TemporaryDirectory(prefix="bench_capscore_") as tmp_name:
         tmp = Path(tmp_name)
         gt, res = write_files(tmp, refs, preds)
         for run in range(args.runs):
-            order = (("peer", run_peer), ("ours", run_ours))
             scores = {}
-            for name, fn in order if run % 2 == 0 else order[::-1]:
+            for name, fn in sides if run % 2 == 0 else sides[::-1]:  # ours_memo always follows an ours call
                 elapsed, used, scores[name] = timed(fn, gt, res, tmp)
                 times[name].append(elapsed)
                 cpu[name].append(used)
                 print(f"{vocabulary_name} vocabulary, run {run + 1}/{args.runs} {name}: {elapsed:.2f} s wall, "
                       f"{used:.2f} s CPU", flush=True)
-            worst = max(worst, max(abs(scores["ours"][k] - scores["peer"][k]) for k in KEYS))
+            worst = max(worst, *(abs(scores[side][k] - scores["peer"][k]) for side in ("ours", "ours_memo") for k in KEYS))
         kept = cut_size(refs, preds, tmp)
     ratio = statistics.median(times["peer"]) / statistics.median(times["ours"])
+    memo_ratio = statistics.median(times["peer"]) / statistics.median(times["ours_memo"])
     cpu_ratio = statistics.median(cpu["peer"]) / statistics.median(cpu["ours"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n{args.images} captions x {args.refs} references, {vocabulary_name} vocabulary ({len(vocabulary):,} "
@@ -275,7 +289,10 @@ def measure(args, vocabulary_name: str, index_note: str) -> list[dict]:
           f"CPU {summary(cpu['peer'])}")
     print(f"ours (lavis_ext score_captions):                   wall {summary(times['ours'])}; "
           f"CPU {summary(cpu['ours'])}")
-    print(f"speed-up, wall (median / median): {ratio:.2f}x   (target >= 3x)")
+    print(f"ours, same references as its last call:            wall {summary(times['ours_memo'])}; "
+          f"CPU {summary(cpu['ours_memo'])}")
+    print(f"speed-up, wall (median / median): {ratio:.2f}x new references, {memo_ratio:.2f}x same references   "
+          "(target >= 3x)")
     print(f"CPU used, peer / ours (median / median): {cpu_ratio:.2f}x")
     print(f"largest score difference over {', '.join(KEYS)}: {worst:.3g}  (must be <= 1e-9)")
     print("scores: " + "  ".join(f"{k}={scores['ours'][k]:.6f}" for k in KEYS))
@@ -283,12 +300,21 @@ def measure(args, vocabulary_name: str, index_note: str) -> list[dict]:
         raise SystemExit("scores differ")
     what = (f"caption scoring, {args.images:,} captions x {args.refs} refs (BLEU/METEOR/ROUGE-L/CIDEr), "
             f"{vocabulary_name} vocabulary ({len(vocabulary):,} words)")
-    return [row(f"{what}, repeat calls: wall time", "s", stat("lavis_ext score_captions", times["ours"]),
-                stat("pycocoevalcap COCOEvalCap as LAVIS runs it", times["peer"]), higher_is_better=False, target=3.0,
-                note=f"scores identical (largest difference {worst:.1g}); METEOR reads its paraphrase table cut to "
-                     f"the references ({kept:,} of 5.27 M entries; {index_note})"),
-            row(f"{what}, repeat calls: CPU time incl. Java children", "s", stat("lavis_ext score_captions", cpu["ours"]),
-                stat("pycocoevalcap COCOEvalCap as LAVIS runs it", cpu["peer"]), higher_is_better=False,
+    peer = "pycocoevalcap COCOEvalCap as LAVIS runs it"
+    memo_label = "lavis_ext score_captions, references remembered from its last call"
+    return [row(f"{what}, repeat calls, new references each call: wall time", "s",
+                stat("lavis_ext score_captions", times["ours"]), stat(peer, times["peer"]), higher_is_better=False,
+                target=3.0, note=f"scores identical (largest difference {worst:.1g}); METEOR reads its paraphrase "
+                f"table cut to the references ({kept:,} of 5.27 M entries; {index_note})"),
+            row(f"{what}, repeat calls, new references each call: CPU time incl. Java children", "s",
+                stat("lavis_ext score_captions", cpu["ours"]), stat(peer, cpu["peer"]), higher_is_better=False,
+                note="load-independent on a shared machine"),
+            row(f"{what}, repeat calls on the same references (validation every epoch): wall time", "s",
+                stat(memo_label, times["ours_memo"]), stat(peer, times["peer"]), higher_is_better=False, target=3.0,
+                note="the references' PTB tokens and METEOR words from the previous call (only the candidates "
+                     "tokenised, no normaliser JVM); scores identical; LAVIS re-runs COCOEvalCap in full every epoch"),
+            row(f"{what}, repeat calls on the same references (validation every epoch): CPU time incl. Java children",
+                "s", stat(memo_label, cpu["ours_memo"]), stat(peer, cpu["peer"]), higher_is_better=False,
                 note="load-independent on a shared machine")]
 
 

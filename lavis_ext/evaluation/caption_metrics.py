@@ -22,6 +22,9 @@ METEOR's own FilterParaphrase tool makes; every statistic unchanged), its SCORE 
 sent one round trip at a time, large sets are split over two JVMs, and one EVAL line carries the summed
 statistics (:func:`_summed_statistics`). METEOR's normaliser runs while BLEU and ROUGE-L are computed and its
 scoring while CIDEr-D is (:class:`_MeteorRun`). Without a JDK (``javac``) METEOR loads its full table as before.
+What depends on the references alone (their PTB tokens, the words METEOR's cut needs) is remembered per process
+for the last few reference sets (:class:`_ReferenceMemo`): a training run scores the same validation references
+every epoch, and from the second call on only the candidates are tokenised and METEOR starts scoring at once.
 
 CIDEr-D takes its document frequencies from the references being evaluated, so scores on a subset or a small
 custom set are not comparable to full-split numbers (and a single image always scores 0).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -38,7 +42,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -99,9 +103,15 @@ def evaluate_captions(
     java, java_major = _require_java()
 
     with _work_dir(work_dir) as wd:
-        gts, res = _tokenise_all(refs, candidates, wd, java)
+        known = REFERENCE_MEMO.get(refs)
+        if known is None:
+            gts, res = _tokenise_all(refs, candidates, wd, java)
+        else:  # the references' tokens from an earlier call: only the candidates go through the tokenizer
+            gts = known.gts
+            res = {i: [c] for i, c in enumerate(ptb_tokenize(candidates, wd, java=java))}
         # METEOR runs in JVMs driven from threads that mostly wait; the Python scorers run here meanwhile.
-        meteor = _MeteorRun(java, java_major, wd, gts, res, _meteor_timeout(len(refs))) if "METEOR" in wanted else None
+        meteor = _MeteorRun(java, java_major, wd, gts, res, _meteor_timeout(len(refs)),
+                            reference_word_ids=known.word_ids if known else None) if "METEOR" in wanted else None
         try:
             scores: dict = {}
             if "BLEU" in wanted:
@@ -124,6 +134,7 @@ def evaluate_captions(
         finally:
             if meteor is not None:
                 meteor.close()  # its JVMs stop before the work dir goes
+        REFERENCE_MEMO.put(refs, gts, meteor.word_ids if meteor is not None else None)
 
         skipped: dict[str, str] = {}
         if "SPICE" in wanted:
@@ -185,7 +196,9 @@ def best_constant_caption(
     java, _ = _require_java()
 
     with _work_dir(work_dir) as wd:
-        gts = _tokenise_references(refs, wd, java)
+        known = REFERENCE_MEMO.get(refs)
+        gts = known.gts if known is not None else _tokenise_references(refs, wd, java)
+        REFERENCE_MEMO.put(refs, gts)
         if candidates is None:
             counts = Counter(r for rs in gts.values() for r in rs if r)
             raw = tokenised = [caption for caption, _ in counts.most_common(top_k)]
@@ -376,6 +389,68 @@ def _work_dir(work_dir: str | os.PathLike | None) -> Iterator[str]:
         yield str(path.resolve())
 
 
+class _PreparedReferences:
+    """What scoring derives from one reference set alone: PTB tokens (``gts``, keyed 0..n-1) and the word ids METEOR's
+    paraphrase cut needs (``None`` until a call with METEOR computed them). Shared between calls: never mutate."""
+
+    __slots__ = ("gts", "word_ids")
+
+    def __init__(self, gts: dict[int, list[str]], word_ids=None):
+        self.gts, self.word_ids = gts, word_ids
+
+
+class _ReferenceMemo:
+    """The last ``size`` reference sets' :class:`_PreparedReferences`, keyed by the sha256 of the raw references.
+
+    Why: a training run scores the same validation (and test) references every epoch, and each call paid for a
+    tokenizer JVM over 5x as many references as candidates and for METEOR's normaliser JVM over them again. Both
+    outputs are functions of the raw references alone (the tokenizer treats every line on its own under
+    ``-preserveLines``; the normaliser reads only the reference side), so a repeat call reuses them and every
+    score is unchanged (tests/unit/test_caption_metrics.py compares memo and fresh calls). Thread-safe; a few MB
+    per COCO-sized split.
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._entries: OrderedDict[str, _PreparedReferences] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(refs: list[list[str]]) -> str:
+        return hashlib.sha256(json.dumps(refs, ensure_ascii=False).encode()).hexdigest()
+
+    def get(self, refs: list[list[str]]) -> _PreparedReferences | None:
+        key = self.key(refs)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, refs: list[list[str]], gts: dict[int, list[str]], word_ids=None) -> None:
+        """Remember ``gts`` (and ``word_ids`` where known; a known set is never forgotten for ``None``)."""
+        key = self.key(refs)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if word_ids is None and old is not None:
+                word_ids = old.word_ids
+            if word_ids is not None:
+                word_ids.flags.writeable = False
+            self._entries[key] = _PreparedReferences(gts, word_ids)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+REFERENCE_MEMO = _ReferenceMemo()
+
+
 def _tokenise_references(refs: list[list[str]], work_dir: str, java: str) -> dict[int, list[str]]:
     """Tokenise all references in one JVM call, keyed 0..n-1 (internal keys: the scorers need no real ids)."""
     flat = ptb_tokenize([r for rs in refs for r in rs], work_dir, java=java)
@@ -432,29 +507,34 @@ class _MeteorRun:
     :meth:`start_scoring`, which cuts the table (a short burst that would crawl while another thread holds the
     GIL) and starts scoring in threads. For large sets the SCORE lines go to two JVMs whose statistics are
     joined in the original order. Where the table cannot be cut (no ``javac``), one JVM loads the full table
-    at once, as pycocoevalcap's does.
+    at once, as pycocoevalcap's does. Given ``reference_word_ids`` (remembered from an earlier call on the same
+    references, :class:`_ReferenceMemo`), there is no normaliser to wait for and scoring starts at once.
     """
 
-    def __init__(self, java: str, java_major: int, work_dir: str, gts: dict, res: dict, timeout: float):
+    def __init__(self, java: str, java_major: int, work_dir: str, gts: dict, res: dict, timeout: float,
+                 reference_word_ids=None):
         from lavis_ext.evaluation import meteor_paraphrases
 
         self.java, self.work_dir, self.timeout = java, work_dir, timeout
         self.lines = _meteor_score_lines(gts, res)
         self.processes: list[_MeteorProcess] = []
         self.table: Path | None = None
+        self.word_ids = reference_word_ids  # the references' words for the cut (given, or from the normaliser)
         self._scoring: list[_Job] | None = None
         self._cutter = meteor_paraphrases.TableCutter.create(java, java_major)
-        if self._cutter is None:
-            self._words = None
-            self.start_scoring()
-        else:
+        self._words = None
+        if self._cutter is not None and self.word_ids is None:
             self._words = _Job(self._cutter.reference_word_ids, self.lines, work_dir)
+        else:  # nothing to wait for: start scoring now, beside the caller's Python scorers
+            self.start_scoring()
 
     def start_scoring(self) -> None:
         """Cut the table (if it can be cut), start the JVM(s) and send them the SCORE lines (idempotent)."""
         if self._scoring is not None:
             return
-        word_ids = self._words.result() if self._words is not None else None
+        if self._words is not None:
+            self.word_ids = self._words.result()
+        word_ids = self.word_ids if self._cutter is not None else None
         self.table = self._cutter.write(word_ids, self.work_dir) if word_ids is not None else None
         parallel = (self.table is not None and len(self.lines) >= _PARALLEL_METEOR_MIN
                     and (os.cpu_count() or 1) >= 2)

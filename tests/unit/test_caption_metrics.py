@@ -78,6 +78,14 @@ def _child_pids() -> set[int]:
     return children
 
 
+@pytest.fixture(autouse=True)
+def _fresh_reference_memo():
+    """Each test starts without remembered references (the memo is per process; its own test is below)."""
+    cm.REFERENCE_MEMO.clear()
+    yield
+    cm.REFERENCE_MEMO.clear()
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """All metrics on identical candidates/references, recording site-packages and child processes around it."""
@@ -419,6 +427,49 @@ def test_golden_uneven_references_equal_coco_eval_cap(golden):
     ours, theirs = golden["ours_b"], golden["coco_b"]
     for key in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-9, rel=0), key
+
+
+@needs_java
+def test_a_repeat_call_on_the_same_references_reuses_their_side_with_the_same_scores(golden, tmp_path, monkeypatch):
+    """Epoch after epoch the validation references are the same: the second call tokenises only the candidates and
+    skips METEOR's normaliser, and every score equals a fresh call's (and the first call equals COCOEvalCap)."""
+    from lavis_ext.evaluation import meteor_paraphrases
+
+    refs = dict(zip(NON_NUMERIC_IDS, GOLDEN_REFS))
+    metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
+    first = evaluate_captions(dict(zip(NON_NUMERIC_IDS, GOLDEN_PREDS)), refs, work_dir=tmp_path / "1", metrics=metrics)
+    assert first == golden["ours_a"] and len(cm.REFERENCE_MEMO) == 1
+    remembered = cm.REFERENCE_MEMO.get(list(GOLDEN_REFS))
+    cut_available = meteor_paraphrases.TableCutter.create("java", cm._require_java()[1]) is not None
+    assert (remembered.word_ids is not None) == cut_available
+
+    next_epoch = dict(zip(NON_NUMERIC_IDS, GOLDEN_PREDS[3:] + GOLDEN_PREDS[:3]))  # other candidates, same references
+    tokenised, normalised = [], []
+    real_tokenize, real_words = cm.ptb_tokenize, meteor_paraphrases.TableCutter.reference_word_ids
+    monkeypatch.setattr(cm, "ptb_tokenize", lambda s, *a, **k: tokenised.append(len(s)) or real_tokenize(s, *a, **k))
+    monkeypatch.setattr(meteor_paraphrases.TableCutter, "reference_word_ids",
+                        lambda self, *a: normalised.append(1) or real_words(self, *a))
+    again = evaluate_captions(next_epoch, refs, work_dir=tmp_path / "2", metrics=metrics)
+    assert tokenised == [len(GOLDEN_PREDS)] and normalised == []
+    cm.REFERENCE_MEMO.clear()
+    fresh = evaluate_captions(next_epoch, refs, work_dir=tmp_path / "3", metrics=metrics)
+    assert tokenised[1:] == [sum(map(len, GOLDEN_REFS)) + len(GOLDEN_PREDS)] and len(normalised) == int(cut_available)
+    assert again == fresh and again["CIDEr"] != first["CIDEr"]
+
+
+def test_the_reference_memo_keeps_the_last_few_sets_and_their_meteor_words():
+    import numpy as np
+
+    memo = cm._ReferenceMemo(size=2)
+    a, b, c = [["a cat"]], [["a dog"]], [["a cow"], ["a|||b"]]
+    memo.put(a, {0: ["a cat"]}, np.array([1, -1]))
+    memo.put(a, {0: ["a cat"]})  # a call without METEOR does not forget the words
+    assert memo.get(a).word_ids.tolist() == [1, -1] and not memo.get(a).word_ids.flags.writeable
+    memo.put(b, {0: ["a dog"]})
+    memo.get(a)  # a is now the most recent
+    memo.put(c, {0: ["a cow"], 1: ["a b"]})
+    assert memo.get(b) is None and memo.get(a) is not None and memo.get(c).gts[1] == ["a b"]
+    assert memo.get([["a cat", ""]]) is None  # keys are the raw references, every string of them
 
 
 @needs_java
