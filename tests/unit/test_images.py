@@ -118,3 +118,57 @@ def test_the_apps_and_the_predictor_decode_through_it(tmp_path):
     stub = SimpleNamespace(vis_processor=lambda im: seen.append(np.asarray(im)) or torch.zeros(3, 2, 2), device="cpu")
     Blip2Predictor.preprocess(stub, [Image.fromarray(values)])
     assert seen[0].shape == (6, 5, 3) and (seen[0] == round(40000 / 257)).all()
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    """Smooth gradients plus noise: chroma subsampling and the IDCT both have something to do."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
+    noise = np.random.default_rng(width * height).integers(-30, 30, size=base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+JPEG_FLAVOURS = {
+    "baseline 4:2:0": ({}, (64, 64)),
+    "progressive": ({"progressive": True}, (64, 64)),
+    "4:4:4 q95": ({"subsampling": 0, "quality": 95}, (64, 64)),
+    "4:2:2 odd size": ({"subsampling": 1}, (63, 37)),
+    "384 px": ({"quality": 90}, (384, 384)),
+    "optimised huffman": ({"optimize": True}, (100, 80)),
+}
+
+
+@pytest.mark.parametrize("flavour", list(JPEG_FLAVOURS))
+@pytest.mark.parametrize("grey", [False, True], ids=["rgb", "grey"])
+def test_jpegs_take_the_fast_decoder_with_pils_exact_pixels(flavour, grey, monkeypatch, tmp_path):
+    from lavis_ext import images
+
+    options, size = JPEG_FLAVOURS[flavour]
+    source = _photo(*size).convert("L") if grey else _photo(*size)
+    data = _encoded(source, "JPEG", **options)
+    fast = images._decode_jpeg(data)
+    assert fast is not None and fast.mode == "RGB" and fast.size == size  # the fast path took it
+    with Image.open(io.BytesIO(data)) as raw:
+        pil = np.asarray(raw.convert("RGB"))
+    assert np.array_equal(np.asarray(decode_image(data)), pil)
+    (tmp_path / "photo.JPG").write_bytes(data)
+    assert np.array_equal(np.asarray(decode_image(tmp_path / "photo.JPG")), pil)
+    monkeypatch.setenv(images.JPEG_DECODER_ENV, "pil")
+    assert images._decode_jpeg(data) is None and np.array_equal(np.asarray(decode_image(data)), pil)
+
+
+def test_jpegs_the_fast_decoder_leaves_to_pil():
+    """CMYK goes to PIL's conversion; truncated data and a corrupt header raise PIL's errors, as before."""
+    from lavis_ext import images
+
+    cmyk = _encoded(_photo(40, 30).convert("CMYK"), "JPEG")
+    assert images._decode_jpeg(cmyk) is None
+    with Image.open(io.BytesIO(cmyk)) as raw:
+        assert np.array_equal(np.asarray(decode_image(cmyk)), np.asarray(raw.convert("RGB")))
+    data = _encoded(_photo(64, 64), "JPEG")
+    for cut in (len(data) // 3, len(data) - 20):
+        assert images._decode_jpeg(data[:cut]) is None
+        with pytest.raises(OSError):
+            decode_image(data[:cut])
+    with pytest.raises((OSError, SyntaxError)):
+        decode_image(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
