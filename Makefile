@@ -36,6 +36,17 @@ demo: data
 	$(PY) train.py --cfg-path projects/tiny/caption_opt.yaml --options run.output_dir=$(DEMO_OUT)
 	$(PY) -m lavis_ext.summary $(DEMO_OUT)
 
+# make demo-seeds: the demo recipe over seeds 42, 43, 44 (1 thread each, 2 at a time: ~20 min on 2 cores), then the
+# mean ± std table; `make bench` reads these runs for BENCHMARKS.md's over-seeds row.
+SEEDS ?= 42 43 44
+SEEDS_OUT ?= runs/demo_seeds
+.PHONY: demo-seeds
+demo-seeds: data
+	mkdir -p $(SEEDS_OUT)
+	printf '%s\n' $(SEEDS) | xargs -P 2 -I{} env OMP_NUM_THREADS=1 $(PY) train.py --cfg-path projects/tiny/caption_opt.yaml \
+	  --options run.seed={} run.output_dir=$(SEEDS_OUT)/seed{} > $(SEEDS_OUT).log 2>&1 || (tail -40 $(SEEDS_OUT).log; exit 1)
+	$(PY) -m lavis_ext.report $(addprefix $(SEEDS_OUT)/seed,$(SEEDS))
+
 # The Gradio test drives Debian's chromium headless; the test skips (with the reason) where it cannot be installed.
 browser:
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \

@@ -176,6 +176,24 @@ def test_demo_figures_come_from_the_newest_demo_run(tmp_path):
     assert "CIDEr-D 2.96x the best constant caption against 3x" in missed
 
 
+def test_demo_seed_row_reads_each_seed_run_and_judges_the_median(tmp_path):
+    assert run_all.demo_seed_figures(tmp_path / "none") == [] and run_all.demo_seed_table([]) == ([], [])
+    for seed, cider in ((42, 3.683), (43, 3.762), (44, 3.849)):
+        run = tmp_path / f"seed{seed}" / "20261206000000"
+        run.mkdir(parents=True)
+        (run / "log.txt").write_text(json.dumps({"run": {"seed": seed}, "model": {"arch": "blip2_opt_ext"}}) + "\n")
+        (run / "test_epochbest_metrics.json").write_text(json.dumps(
+            {"metrics": {"CIDEr": cider, "constant_baseline_CIDEr": 1.016}}))
+    seeds = run_all.demo_seed_figures(tmp_path)
+    assert [s["seed"] for s in seeds] == [42, 43, 44]
+    text = run_all.render_markdown([], INFO, None, "d", demo={"missing": "none", "seeds": seeds})
+    assert "3.683 / 3.762 / 3.849: median 3.762, mean 3.765 ± 0.083" in text
+    assert "median >= 3.5: met; every seed >= 3x: met" in text and "None in this run." in text
+    seeds[1]["cider"] = seeds[2]["cider"] = 3.1
+    missed = run_all.render_markdown([], INFO, None, "d", demo={"missing": "none", "seeds": seeds})
+    assert "median test CIDEr-D 3.100 against 3.5" in missed.split("## Targets missed and why")[1]
+
+
 def test_run_all_writes_no_hand_typed_figures():
     source = (BENCH / "run_all.py").read_text()
     assert "RECORDED" not in source and "3.02" not in source and "2.97" not in source
