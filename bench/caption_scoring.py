@@ -305,7 +305,9 @@ def measure(args, vocabulary_name: str, index_note: str) -> list[dict]:
     return [row(f"{what}, repeat calls, new references each call: wall time", "s",
                 stat("lavis_ext score_captions", times["ours"]), stat(peer, times["peer"]), higher_is_better=False,
                 target=3.0, note=f"scores identical (largest difference {worst:.1g}); METEOR reads its paraphrase "
-                f"table cut to the references ({kept:,} of 5.27 M entries; {index_note})"),
+                f"table cut to the references ({kept:,} of 5.27 M entries; {index_note}); the critical path "
+                f"(phases timed apart): one tokenizer JVM, then METEOR's reference normaliser JVM beside BLEU and "
+                f"ROUGE-L, then METEOR's own scoring in two JVMs on the two cores, about half the call"),
             row(f"{what}, repeat calls, new references each call: CPU time incl. Java children", "s",
                 stat("lavis_ext score_captions", cpu["ours"]), stat(peer, cpu["peer"]), higher_is_better=False,
                 note="load-independent on a shared machine"),

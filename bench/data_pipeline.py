@@ -6,7 +6,7 @@ decoded RGB images passed through the same BLIP-2 image processor, batched by 16
 - raw limit: a bare loop over the JPEG bytes already in memory: ``PIL.Image.open`` -> ``convert("RGB")`` -> the
   processor, then ``torch.stack`` per 16. No tar reading, JSON, shuffle or bookkeeping: the most a worker decoding
   with PIL (as LAVIS and webdataset do) could do. Ours decodes JPEGs with torchvision's libjpeg-turbo decoder
-  (``lavis_ext.images.decode_image``: bitwise PIL's pixels, ~half the CPU time), so a second bare loop decoding
+  (``lavis_ext.images.decode_image``: bitwise PIL's pixels), so a second bare loop decoding
   through that same function is reported too: against it, the ratio is the pipeline's own overhead alone.
 - ours: :class:`lavis_ext.datasets.wds_pipeline.WdsSplitDataset` (``caption_train`` mode: shard order, tar reading,
   JSON validation, shuffle buffer 1000, decode with skip accounting, text processor) in a ``DataLoader`` with
