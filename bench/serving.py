@@ -189,6 +189,43 @@ def tokenizer_root(tmp: Path) -> str:
     return str(tmp / "synthetic")
 
 
+def pause_group(process, paused: bool) -> None:
+    """SIGSTOP (``paused``) or SIGCONT a server's whole process group (its forked and spawned workers too)."""
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    if not paused:
+        time.sleep(0.2)  # resumed timers and pollers settle before the clients start
+
+
+def stop_groups(processes, grace_s: float = 30.0) -> None:
+    """SIGTERM every server's process group, wait up to ``grace_s``, then SIGKILL what is left of each group."""
+    import signal
+
+    def signal_group(process, sig) -> None:
+        try:
+            os.killpg(process.pid, sig)  # the group id is the leader's pid (start_new_session=True)
+        except ProcessLookupError:
+            pass
+
+    processes = list(processes)
+    for process in processes:
+        signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    time.sleep(0.5)  # let forked children act on the SIGTERM too
+    for process in processes:
+        signal_group(process, signal.SIGKILL)  # a no-op for a group that is gone
+        process.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), runs=3, quick_runs=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server (default 1)")
@@ -230,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                      "--workers", str(args.workers),
                      "--log-level", "warning"],
         }
-        processes = {name: subprocess.Popen(cmd, env=env, cwd=REPO) for name, cmd in commands.items()}
+        # Each server in its own process group, stopped as a group: LitServe's server forks a process and spawns
+        # its workers, which outlived a plain terminate() of the one we started and kept polling (~7-13% of a
+        # core each) through every later benchmark.
+        processes = {name: subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True)
+                     for name, cmd in commands.items()}
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         results = {name: {c: [] for c in CLIENTS} for name in urls}
         try:
@@ -238,23 +279,27 @@ def main(argv: list[str] | None = None) -> int:
                 wait_ready(url, processes[name])
                 for clients in (1, 32):  # warm-up: first calls, and the batched shapes
                     asyncio.run(drive(url, clients, clients, images))
+            # Only the server being driven runs: the others are stopped (SIGSTOP to their groups), because an idle
+            # LitServe polls its queues (~30% of a core for its 3 processes), which loaded whichever server was driven.
+            for name in servers:
+                pause_group(processes[name], True)
             for run in range(runs):
                 for clients in CLIENTS:
                     for name in servers:
                         if name not in (*EVERY_ROW, "ours") and clients != 32:  # the thread peer: 32 clients only
                             continue
-                        measured = asyncio.run(drive(urls[name], clients, requests[clients], images))
+                        pause_group(processes[name], False)
+                        try:
+                            measured = asyncio.run(drive(urls[name], clients, requests[clients], images))
+                        finally:
+                            pause_group(processes[name], True)
                         results[name][clients].append(measured)
                         print(f"run {run + 1}/{runs} {name:13s} {clients:2d} clients: {measured['throughput']:7.2f} req/s  "
                               f"p50 {measured['p50']:8.1f} ms  p99 {measured['p99']:8.1f} ms", flush=True)
         finally:
             for process in processes.values():
-                process.terminate()
-            for process in processes.values():
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+                pause_group(process, False)  # a stopped process would not act on SIGTERM
+            stop_groups(processes.values())
 
     rows = []
     ours_label = (f"lavis-ext serve (max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "

@@ -317,3 +317,32 @@ def test_a_narrow_miss_is_not_rounded_up_to_the_target():
     miss = common.row("x", "x/s", common.stat("o", [0.898]), common.stat("p", [1.0]), target=0.9)
     assert miss["met"] is False and run_all.ratio_text(miss) == "0.898x"
     assert run_all.ratio_text(common.row("y", "x/s", common.stat("o", [2.0]), common.stat("p", [1.0]), target=1.0)) == "2.00x"
+
+
+def test_serving_bench_stops_a_server_together_with_what_it_forked(tmp_path):
+    """LitServe's server forks and spawns workers that survived terminate() and loaded every later benchmark."""
+    import os
+    import subprocess
+    import time
+
+    serving = _load("serving")
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import os, signal, subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+              "time.sleep(600)\n")
+    server = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    serving.stop_groups([server], grace_s=2)
+    assert server.poll() is not None
+    time.sleep(0.2)
+    try:
+        os.kill(grandchild, 0)
+        status = Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert status == "Z", f"the grandchild ({grandchild}) ignoring SIGTERM is still running"
+    except ProcessLookupError:
+        pass
