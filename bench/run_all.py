@@ -110,7 +110,9 @@ def demo_seed_figures(root: Path = DEMO_SEEDS_DIR) -> list[dict]:
     for run in runs:
         seed = run.flat.get("run.seed")
         if "CIDEr" in run.metrics and seed is not None:
-            out.append({"seed": int(seed), "cider": run.metrics["CIDEr"], "run": str(run.path),
+            path = Path(run.path).resolve()
+            out.append({"seed": int(seed), "cider": run.metrics["CIDEr"],
+                        "run": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
                         "baseline": run.metrics.get("constant_baseline_CIDEr"),
                         "date": dt.date.fromtimestamp(Path(run.path).stat().st_mtime).isoformat()})
     return sorted(out, key=lambda r: r["seed"])
