@@ -94,7 +94,7 @@ def decode_image(source: bytes | str | os.PathLike) -> Image.Image:
         fast = _decode_jpeg(data)
         if fast is not None:
             return fast
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    stream = io.BytesIO(data) if data is not None else source  # a JPEG file read for the fast path is not read again
     with strict_decoding(), Image.open(stream) as raw:
         raw.load()
         return to_rgb8(raw)

@@ -103,7 +103,8 @@ def evaluate_captions(
     java, java_major = _require_java()
 
     with _work_dir(work_dir) as wd:
-        known = REFERENCE_MEMO.get(refs)
+        key = REFERENCE_MEMO.key(refs)  # hashed once: every reference string of the split
+        known = REFERENCE_MEMO.get(key)
         if known is None:
             gts, res = _tokenise_all(refs, candidates, wd, java)
         else:  # the references' tokens from an earlier call: only the candidates go through the tokenizer
@@ -134,7 +135,7 @@ def evaluate_captions(
         finally:
             if meteor is not None:
                 meteor.close()  # its JVMs stop before the work dir goes
-        REFERENCE_MEMO.put(refs, gts, meteor.word_ids if meteor is not None else None)
+        REFERENCE_MEMO.put(key, gts, meteor.word_ids if meteor is not None else None)
 
         skipped: dict[str, str] = {}
         if "SPICE" in wanted:
@@ -196,9 +197,13 @@ def best_constant_caption(
     java, _ = _require_java()
 
     with _work_dir(work_dir) as wd:
-        known = REFERENCE_MEMO.get(refs)
-        gts = known.gts if known is not None else _tokenise_references(refs, wd, java)
-        REFERENCE_MEMO.put(refs, gts)
+        key = REFERENCE_MEMO.key(refs)
+        known = REFERENCE_MEMO.get(key)
+        if known is not None:
+            gts = known.gts
+        else:
+            gts = _tokenise_references(refs, wd, java)
+            REFERENCE_MEMO.put(key, gts)
         if candidates is None:
             counts = Counter(r for rs in gts.values() for r in rs if r)
             raw = tokenised = [caption for caption, _ in counts.most_common(top_k)]
@@ -417,19 +422,18 @@ class _ReferenceMemo:
 
     @staticmethod
     def key(refs: list[list[str]]) -> str:
+        """The memo key of raw references (every string, in order); callers compute it once per call."""
         return hashlib.sha256(json.dumps(refs, ensure_ascii=False).encode()).hexdigest()
 
-    def get(self, refs: list[list[str]]) -> _PreparedReferences | None:
-        key = self.key(refs)
+    def get(self, key: str) -> _PreparedReferences | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
 
-    def put(self, refs: list[list[str]], gts: dict[int, list[str]], word_ids=None) -> None:
+    def put(self, key: str, gts: dict[int, list[str]], word_ids=None) -> None:
         """Remember ``gts`` (and ``word_ids`` where known; a known set is never forgotten for ``None``)."""
-        key = self.key(refs)
         with self._lock:
             old = self._entries.pop(key, None)
             if word_ids is None and old is not None:

@@ -439,7 +439,7 @@ def test_a_repeat_call_on_the_same_references_reuses_their_side_with_the_same_sc
     metrics = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
     first = evaluate_captions(dict(zip(NON_NUMERIC_IDS, GOLDEN_PREDS)), refs, work_dir=tmp_path / "1", metrics=metrics)
     assert first == golden["ours_a"] and len(cm.REFERENCE_MEMO) == 1
-    remembered = cm.REFERENCE_MEMO.get(list(GOLDEN_REFS))
+    remembered = cm.REFERENCE_MEMO.get(cm.REFERENCE_MEMO.key(list(GOLDEN_REFS)))
     cut_available = meteor_paraphrases.TableCutter.create("java", cm._require_java()[1]) is not None
     assert (remembered.word_ids is not None) == cut_available
 
@@ -461,7 +461,7 @@ def test_the_reference_memo_keeps_the_last_few_sets_and_their_meteor_words():
     import numpy as np
 
     memo = cm._ReferenceMemo(size=2)
-    a, b, c = [["a cat"]], [["a dog"]], [["a cow"], ["a|||b"]]
+    a, b, c = (memo.key(refs) for refs in ([["a cat"]], [["a dog"]], [["a cow"], ["a|||b"]]))
     memo.put(a, {0: ["a cat"]}, np.array([1, -1]))
     memo.put(a, {0: ["a cat"]})  # a call without METEOR does not forget the words
     assert memo.get(a).word_ids.tolist() == [1, -1] and not memo.get(a).word_ids.flags.writeable
@@ -469,7 +469,7 @@ def test_the_reference_memo_keeps_the_last_few_sets_and_their_meteor_words():
     memo.get(a)  # a is now the most recent
     memo.put(c, {0: ["a cow"], 1: ["a b"]})
     assert memo.get(b) is None and memo.get(a) is not None and memo.get(c).gts[1] == ["a b"]
-    assert memo.get([["a cat", ""]]) is None  # keys are the raw references, every string of them
+    assert memo.key([["a cat", ""]]) != a and memo.get(memo.key([["a cat", ""]])) is None  # every string counts
 
 
 @needs_java
