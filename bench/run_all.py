@@ -37,7 +37,7 @@ NOT_BENCHES = {"common.py", "run_all.py", "gpu_step.py"}  # gpu_step runs only f
 BUDGETS = {
     "import_time": 1.0,
     "data_pipeline": 2.0,
-    "training_step": 3.0,
+    "training_step": 9.0,
     "generation": 3.0,
     "caption_scoring": 4.0,
     "strategies": 2.5,

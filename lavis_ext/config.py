@@ -35,7 +35,7 @@ RUN_KEYS = {
     "device", "world_size", "dist_url", "distributed", "use_dist_eval_sampler", "log_freq",
     "train_dataset_ratios", "save_freq",
     # ours
-    "amp_dtype", "vit_layer_decay", "optimizer_impl", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "dist_timeout_s",
+    "amp_dtype", "vit_layer_decay", "optimizer_impl", "compile", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "dist_timeout_s",
     # resume and checkpoints (lavis_ext.runners.runner_base, docs/distributed.md)
     "resume", "job_id", "save_every_steps", "keep_step_checkpoints", "min_free_disk_mb",
     # sharding (lavis_ext.runners.fsdp)
@@ -242,6 +242,18 @@ def check_keys(cfg) -> None:
                     f"not of {name!r}; {hint}"
                 )
             _fail("dataset key", key, dataset_keys, f"datasets.{name}.{key} (builder {name!r})")
+    check_run_values(cfg.run_cfg)
+
+
+def check_run_values(run_cfg) -> None:
+    """Run values that can be judged from the config alone, so a bad one fails before data and model are built
+    (the modules that own them check again where they are used)."""
+    from lavis_ext.runners.compile import compile_mode
+
+    try:
+        compile_mode(run_cfg.get("compile"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def load_config(args):

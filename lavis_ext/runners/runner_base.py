@@ -67,6 +67,7 @@ from lavis_ext.checkpoints import (
 )
 from lavis_ext.models.strategies import format_parameter_report
 from lavis_ext.runners import fsdp
+from lavis_ext.runners.compile import compile_towers
 from lavis_ext.runners.loaders import EpochStreamLoader, MixedLoader
 from lavis_ext.runners.loop import LoopState, TrainLoop
 
@@ -197,7 +198,7 @@ class RunnerBaseExt(RunnerBase):
     # ---- model / device ----------------------------------------------------------------------
     @property
     def model(self):
-        """Move once, wrap once. LAVIS sets the wrapped model only when the device changes, so on CPU
+        """Move once, wrap once, compile the towers once (``run.compile``). LAVIS sets the wrapped model only when the device changes, so on CPU
         it returns None (AttributeError: 'NoneType' object has no attribute 'train', runner_base.py:429),
         and passes `device_ids=[gpu]` for CPU modules (ValueError from DDP)."""
         if self._wrapped_model is None:
@@ -212,6 +213,7 @@ class RunnerBaseExt(RunnerBase):
                 if fsdp.enabled(self.config.run_cfg):
                     logger.info("run.fsdp with one process: nothing to shard, the model trains as it is")
                 self._wrapped_model = self._model
+            compile_towers(self._model, self.config.run_cfg.get("compile"))
         return self._wrapped_model
 
     def unwrap_dist_model(self, model):
