@@ -6,8 +6,9 @@ tensors only. ``nn.Module.compile`` compiles each tower in place, so parameter n
 unchanged (``torch.compile(model)`` would wrap the model and prefix every key with ``_orig_mod.``), and DDP / FSDP
 wrap the model as before.
 
-Off by default: on a CPU at the tiny size the compiled step is within noise of eager (BENCHMARKS.md, training step)
-and the first step costs about a minute of compilation; on a GPU it fuses the element-wise work between matmuls.
+Off by default: on a CPU at the tiny size the compiled step is no faster than eager (0.87-0.97x, BENCHMARKS.md,
+training step) and the first step costs about a minute of compilation; it is meant for GPUs, where it fuses the
+element-wise work between matmuls (not measured yet).
 Results equal eager within float rounding (``tests/unit/test_compile.py``); dropout draws its random numbers
 from the compiled kernels' own generator, so a training run is not bitwise the eager run.
 """

@@ -25,6 +25,7 @@ from torch import nn
 
 from lavis_ext.models.llm_specs import spec_of
 from lavis_ext.precision import parse_dtype
+from lavis_ext.runners.compile import towers
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +39,14 @@ def enabled(run_cfg) -> bool:
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks that become their own FSDP units: LLM layers, ViT blocks, Q-Former layers."""
     blocks: list[nn.Module] = []
+    found = towers(model)
     spec = spec_of(model)
     if spec is not None:
-        blocks += spec.blocks(getattr(model, spec.attr))
-    vit = getattr(model, "visual_encoder", None)
-    if vit is not None and hasattr(vit, "blocks"):
-        blocks += list(vit.blocks)
-    qformer = getattr(model, "Qformer", None)
-    if qformer is not None:
-        blocks += list(qformer.bert.encoder.layer)
+        blocks += spec.blocks(found[spec.attr])
+    if hasattr(found.get("visual_encoder"), "blocks"):
+        blocks += list(found["visual_encoder"].blocks)
+    if "Qformer.bert" in found:
+        blocks += list(found["Qformer.bert"].encoder.layer)
     return blocks
 
 
