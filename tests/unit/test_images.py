@@ -140,34 +140,32 @@ JPEG_FLAVOURS = {
 
 @pytest.mark.parametrize("flavour", list(JPEG_FLAVOURS))
 @pytest.mark.parametrize("grey", [False, True], ids=["rgb", "grey"])
-def test_jpegs_take_the_fast_decoder_with_pils_exact_pixels(flavour, grey, monkeypatch, tmp_path):
-    from lavis_ext import images
-
+def test_jpegs_decode_to_pils_exact_pixels_from_bytes_and_files(flavour, grey, tmp_path):
+    """Colour JPEGs come back as decoded (no convert copy), grey ones converted: PIL's pixels either way."""
     options, size = JPEG_FLAVOURS[flavour]
     source = _photo(*size).convert("L") if grey else _photo(*size)
     data = _encoded(source, "JPEG", **options)
-    fast = images._decode_jpeg(data)
-    assert fast is not None and fast.mode == "RGB" and fast.size == size  # the fast path took it
     with Image.open(io.BytesIO(data)) as raw:
         pil = np.asarray(raw.convert("RGB"))
-    assert np.array_equal(np.asarray(decode_image(data)), pil)
-    (tmp_path / "photo.JPG").write_bytes(data)
-    assert np.array_equal(np.asarray(decode_image(tmp_path / "photo.JPG")), pil)
-    monkeypatch.setenv(images.JPEG_DECODER_ENV, "pil")
-    assert images._decode_jpeg(data) is None and np.array_equal(np.asarray(decode_image(data)), pil)
+    decoded = decode_image(data)
+    assert decoded.mode == "RGB" and decoded.size == size
+    assert np.array_equal(np.asarray(decoded), pil)
+    assert np.array_equal(np.asarray(decoded.resize((17, 9), Image.BICUBIC)),
+                          np.asarray(Image.fromarray(pil).resize((17, 9), Image.BICUBIC)))
+    path = tmp_path / "photo.JPG"
+    path.write_bytes(data)
+    from_file = decode_image(path)
+    assert getattr(from_file, "fp", None) is None  # the file is closed, the pixels stay
+    assert np.array_equal(np.asarray(from_file), pil)
 
 
-def test_jpegs_the_fast_decoder_leaves_to_pil():
-    """CMYK goes to PIL's conversion; truncated data and a corrupt header raise PIL's errors, as before."""
-    from lavis_ext import images
-
+def test_cmyk_truncated_and_corrupt_jpegs():
+    """CMYK converts as PIL converts it; truncated data and a corrupt header raise PIL's errors."""
     cmyk = _encoded(_photo(40, 30).convert("CMYK"), "JPEG")
-    assert images._decode_jpeg(cmyk) is None
     with Image.open(io.BytesIO(cmyk)) as raw:
         assert np.array_equal(np.asarray(decode_image(cmyk)), np.asarray(raw.convert("RGB")))
     data = _encoded(_photo(64, 64), "JPEG")
     for cut in (len(data) // 3, len(data) - 20):
-        assert images._decode_jpeg(data[:cut]) is None
         with pytest.raises(OSError):
             decode_image(data[:cut])
     with pytest.raises((OSError, SyntaxError)):
