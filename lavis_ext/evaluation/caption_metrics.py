@@ -15,14 +15,16 @@ Every file (tokenizer input, SPICE input/output/cache, JVM temp files and crash 
 JVMs only read their jars and METEOR's paraphrase table in site-packages.
 
 Twice as fast as ``COCOEvalCap.evaluate()`` or more, with the same scores (``bench/caption_scoring.py``, 5,000
-captions x 5 references; see BENCHMARKS.md). References and candidates are tokenised in one short JVM, not two.
+captions x 5 references; see BENCHMARKS.md). References and candidates are tokenised in one pass, not two.
 METEOR, which dominates, no longer parses its whole 5.3 M-entry paraphrase table (~5.5 s) on every call: the
 table is cut to the entries these references can use (:mod:`lavis_ext.evaluation.meteor_paraphrases`, the cut
 METEOR's own FilterParaphrase tool makes; every statistic unchanged), its SCORE lines are streamed instead of
 sent one round trip at a time, large sets are split over two JVMs, and one EVAL line carries the summed
 statistics (:func:`_summed_statistics`). METEOR's normaliser runs while BLEU and ROUGE-L are computed and its
 scoring while CIDEr-D is (:class:`_MeteorRun`). Without a JDK (``javac``) METEOR loads its full table as before.
-What depends on the references alone (their PTB tokens, the words METEOR's cut needs) is remembered per process
+The PTB tokenizer and METEOR's normaliser run in one JVM per process that stays up between calls
+(:mod:`lavis_ext.evaluation.text_server`: warm code, no JVM start per call; the tools' own output). What depends
+on the references alone (their PTB tokens, the words METEOR's cut needs) is remembered per process
 for the last few reference sets (:class:`_ReferenceMemo`): a training run scores the same validation references
 every epoch, and from the second call on only the candidates are tokenised and METEOR starts scoring at once.
 
@@ -35,6 +37,7 @@ import contextlib
 import difflib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -45,6 +48,8 @@ import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 SPICE_LIB_ENV = "LAVIS_EXT_SPICE_LIB"
@@ -111,7 +116,7 @@ def evaluate_captions(
             gts = known.gts
             res = {i: [c] for i, c in enumerate(ptb_tokenize(candidates, wd, java=java))}
         # METEOR runs in JVMs driven from threads that mostly wait; the Python scorers run here meanwhile.
-        meteor = _MeteorRun(java, java_major, wd, gts, res, _meteor_timeout(len(refs)),
+        meteor = _MeteorRun(java, wd, gts, res, _meteor_timeout(len(refs)),
                             reference_word_ids=known.word_ids if known else None) if "METEOR" in wanted else None
         try:
             scores: dict = {}
@@ -228,8 +233,10 @@ def ptb_tokenize(
 
     Not the library's class: ``PTBTokenizer.tokenize`` writes its input file into site-packages next to the jar and
     runs Java with that folder as cwd. Same jar, same arguments, same punctuation list; only the file location
-    differs, plus the line-break fix described at ``_JAVA_LINE_BREAKS`` and the C1-only JIT (``_SHORT_JVM``: half
-    the time of this short-lived JVM; tokens are strings, which no JIT tier changes).
+    differs, plus the line-break fix described at ``_JAVA_LINE_BREAKS``. The tool runs in this process's caption
+    text server (:mod:`lavis_ext.evaluation.text_server`: one warm JVM kept across calls) where ``javac`` could
+    compile it, else in a JVM of its own with the C1-only JIT (``_SHORT_JVM``: half the time of a short-lived JVM;
+    tokens are strings, which no JIT tier changes).
 
     Args:
         sentences: raw captions, one output per input.
@@ -244,32 +251,51 @@ def ptb_tokenize(
     """
     from pycocoevalcap.tokenizer import ptbtokenizer as lib
 
+    from lavis_ext.evaluation import text_server
+
     if not sentences:
         return []
-    jar = Path(lib.__file__).resolve().with_name(lib.STANFORD_CORENLP_3_4_1_JAR)
     text = "\n".join(_JAVA_LINE_BREAKS.sub(" ", s) for s in sentences)
     fd, tmp_path = tempfile.mkstemp(prefix="ptb_", suffix=".txt", dir=work_dir)
+    out_path = tmp_path[:-len(".txt")] + ".tok"
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(text.encode())
-        proc = subprocess.run(
-            [java, *_SHORT_JVM, "-cp", str(jar), _PTB_MAIN, "-preserveLines", "-lowerCase", tmp_path],
-            cwd=work_dir, stdin=subprocess.DEVNULL, capture_output=True,
-        )
+        output = stderr = None
+        try:
+            server = text_server.server_for(java)
+        except text_server.TextServerError as exc:  # no javac here: the command-line tool, as pycocoevalcap runs it
+            server = None
+            logger.debug("PTB tokenisation in a JVM of its own: %s", exc)
+        if server is not None:  # a warm JVM kept across calls, running the same tool's main
+            try:
+                server.tokenize(tmp_path, out_path, timeout=_meteor_timeout(len(sentences)))
+                output = Path(out_path).read_bytes()
+            except text_server.TextServerError as exc:
+                warnings.warn(f"{exc}; tokenising in a JVM of its own", RuntimeWarning, stacklevel=2)
+        if output is None:
+            jar = Path(lib.__file__).resolve().with_name(lib.STANFORD_CORENLP_3_4_1_JAR)
+            proc = subprocess.run(
+                [java, *_SHORT_JVM, "-cp", str(jar), _PTB_MAIN, "-preserveLines", "-lowerCase", tmp_path],
+                cwd=work_dir, stdin=subprocess.DEVNULL, capture_output=True,
+            )
+            output, stderr = proc.stdout, proc.stderr
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"PTB tokenisation failed (java exit {proc.returncode}): {_tail(proc.stderr)}; check that {jar} "
+                    "exists (reinstall pycocoevalcap) and that `java -version` works"
+                )
     finally:
         os.remove(tmp_path)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"PTB tokenisation failed (java exit {proc.returncode}): {_tail(proc.stderr)}; check that {jar} exists "
-            "(reinstall pycocoevalcap) and that `java -version` works"
-        )
-    lines = proc.stdout.decode().split("\n")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(out_path)
+    lines = output.decode().split("\n")
     if lines and lines[-1] == "" and len(lines) == len(sentences) + 1:
         lines.pop()
     if len(lines) != len(sentences):
         raise RuntimeError(
             f"PTB tokenizer returned {len(lines)} lines for {len(sentences)} captions, so tokens cannot be matched "
-            f"to ids; stderr: {_tail(proc.stderr)}"
+            f"to ids; stderr: {_tail(stderr or b'')}"
         )
     punctuation = set(lib.PUNCTUATIONS)
     return [" ".join(w for w in line.rstrip().split(" ") if w not in punctuation) for line in lines]
@@ -515,7 +541,7 @@ class _MeteorRun:
     references, :class:`_ReferenceMemo`), there is no normaliser to wait for and scoring starts at once.
     """
 
-    def __init__(self, java: str, java_major: int, work_dir: str, gts: dict, res: dict, timeout: float,
+    def __init__(self, java: str, work_dir: str, gts: dict, res: dict, timeout: float,
                  reference_word_ids=None):
         from lavis_ext.evaluation import meteor_paraphrases
 
@@ -525,7 +551,7 @@ class _MeteorRun:
         self.table: Path | None = None
         self.word_ids = reference_word_ids  # the references' words for the cut (given, or from the normaliser)
         self._scoring: list[_Job] | None = None
-        self._cutter = meteor_paraphrases.TableCutter.create(java, java_major)
+        self._cutter = meteor_paraphrases.TableCutter.create(java)
         self._words = None
         if self._cutter is not None and self.word_ids is None:
             self._words = _Job(self._cutter.reference_word_ids, self.lines, work_dir)

@@ -18,9 +18,9 @@ that the cut equals FilterParaphrase's output and that every per-caption statist
 captions where paraphrases fire.
 
 How: the table is parsed once into an index under the cache root (``$LAVIS_EXT_CACHE``, default
-``~/.cache/lavis_ext``; ~320 MB, ~30 s, keyed by the table's sha256), and the helper is compiled once with
-``javac``. Each evaluation then picks its entries with numpy and writes them as a stored (uncompressed) gz that
-METEOR reads through its own ``-a`` option: ~10^4 entries for a small caption vocabulary, ~10^5-10^6 for a large
+``~/.cache/lavis_ext``; ~320 MB, ~30 s, keyed by the table's sha256), and the normaliser runs in the process's
+caption text server (:mod:`lavis_ext.evaluation.text_server`, compiled once with ``javac``, warm across calls).
+Each evaluation then picks its entries with numpy and writes them as a stored (uncompressed) gz that METEOR reads through its own ``-a`` option: ~10^4 entries for a small caption vocabulary, ~10^5-10^6 for a large
 one (a 14,500-word set of 25,000 sentences kept 13% of the table; METEOR then starts in ~1.2 s). Without
 ``javac`` or a writable cache, METEOR loads its full table as before (same scores, slower), with a warning.
 """
@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -41,10 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lavis_ext.evaluation import text_server
+from lavis_ext.evaluation.text_server import TextServer
+
 logger = logging.getLogger(__name__)
 
 INDEX_VERSION = 4
-_HELPER = "MeteorNormalize"
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: a multiplicative hash of word-id sequences
 _CHUNK_ENTRIES = 500_000  # entries parsed per step while building the index (bounds the build's memory)
 # METEOR splits reference lines and table phrases into words with java.util.StringTokenizer's default delimiters.
@@ -70,19 +71,19 @@ def full_table() -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Per evaluation
 # ----------------------------------------------------------------------------------------------------------------
-def table_for(score_lines: Sequence[str], work_dir: str | os.PathLike, java: str, java_major: int) -> Path | None:
+def table_for(score_lines: Sequence[str], work_dir: str | os.PathLike, java: str) -> Path | None:
     """Write the paraphrase entries usable against the references of these METEOR ``SCORE`` lines to a gz.
 
     Args:
         score_lines: the exact ``SCORE ||| ref ||| ... ||| hyp`` lines (without newlines) METEOR will be sent.
         work_dir: folder for the table (``meteor_paraphrases_*.gz``; the caller deletes it).
-        java: the Java executable METEOR will run with; java_major: its major version.
+        java: the Java executable METEOR will run with.
 
     Returns:
         The table's path for METEOR's ``-a`` option, or ``None`` when the fast path is unavailable here (no
         ``javac``, no writable cache, a failed build): METEOR then loads its full table, with the same scores.
     """
-    cutter = TableCutter.create(java, java_major)
+    cutter = TableCutter.create(java)
     if cutter is None:
         return None
     word_ids = cutter.reference_word_ids(score_lines, work_dir)
@@ -102,37 +103,38 @@ class TableCutter:
     full table, with the same scores.
     """
 
-    def __init__(self, java: str, helper_dir: Path, index: _Index):
-        self.java, self.helper_dir, self.index = java, helper_dir, index
+    def __init__(self, server: TextServer, index: _Index):
+        self.server, self.index = server, index
 
     @classmethod
-    def create(cls, java: str, java_major: int) -> TableCutter | None:
+    def create(cls, java: str) -> TableCutter | None:
         """A cutter, or ``None`` where the cut is unavailable (no ``javac``, no writable cache, a failed build)."""
         try:
-            helper_dir = _compiled_helper(java, java_major)  # first: without javac there is no index to build
-            return None if helper_dir is None else cls(java, helper_dir, _Index.load_or_build())
+            server = text_server.server_for(java)  # first: without javac there is no index to build
+            return cls(server, _Index.load_or_build())
         except (OSError, RuntimeError, ValueError) as exc:
             _warn_once(f"METEOR loads its full paraphrase table (~5 s per evaluation): {exc}")
             return None
 
     def reference_word_ids(self, score_lines: Sequence[str], work_dir: str | os.PathLike) -> np.ndarray | None:
         """Index word ids of the words METEOR sees in each reference, -1 for other words and between references."""
-        classpath = os.pathsep.join([str(meteor_jar()), str(self.helper_dir)])
-        text = "".join(line + "\n" for line in score_lines).encode()
+        fd, name = tempfile.mkstemp(prefix="meteor_score_lines_", suffix=".txt", dir=work_dir)
+        ids_file = Path(name).with_suffix(".ids")
         try:
-            proc = subprocess.run(
-                [self.java, "-XX:+IgnoreUnrecognizedVMOptions", "-XX:+UseSerialGC", "-cp", classpath, _HELPER, "en",
-                 str(self.index.words_file)],
-                input=text, capture_output=True, cwd=work_dir,
-            )
-        except OSError as exc:
-            _warn_once(f"METEOR loads its full paraphrase table: its normaliser could not run ({exc})")
+            with os.fdopen(fd, "wb") as f:
+                f.write("".join(line + "\n" for line in score_lines).encode())
+            self.server.normalize("en", self.index.words_file, name, ids_file, timeout=300 + 0.1 * len(score_lines))
+            ids = ids_file.read_bytes()
+        except (OSError, text_server.TextServerError) as exc:
+            _warn_once(f"METEOR loads its full paraphrase table: its normaliser failed ({exc})")
             return None
-        if proc.returncode != 0 or len(proc.stdout) % 4:
-            _warn_once(f"METEOR loads its full paraphrase table: its normaliser failed (java exit "
-                       f"{proc.returncode}): {proc.stderr.decode(errors='replace')[-800:]}")
+        finally:
+            Path(name).unlink(missing_ok=True)
+            ids_file.unlink(missing_ok=True)
+        if len(ids) % 4:
+            _warn_once(f"METEOR loads its full paraphrase table: its normaliser wrote {len(ids)} bytes, not whole ids")
             return None
-        return np.frombuffer(proc.stdout, dtype=">i4").astype(np.int64)
+        return np.frombuffer(ids, dtype=">i4").astype(np.int64)
 
     def write(self, word_ids: np.ndarray, work_dir: str | os.PathLike) -> Path | None:
         """The cut table for these reference words, as a gz in ``work_dir`` (the caller deletes it)."""
@@ -158,45 +160,6 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The normaliser helper
-# ----------------------------------------------------------------------------------------------------------------
-def _compiled_helper(java: str, java_major: int) -> Path | None:
-    """Folder holding MeteorNormalize.class, compiled once per source, jar and Java version."""
-    source = Path(__file__).with_name("java") / f"{_HELPER}.java"
-    jar = meteor_jar()
-    key = hashlib.sha256(source.read_bytes() + f"|{jar.stat().st_size}|{java_major}".encode()).hexdigest()[:16]
-    target = cache_root() / f"helper-{key}"
-    if (target / f"{_HELPER}.class").is_file():
-        return target
-    javac = _javac_for(java)
-    if javac is None:
-        _warn_once("METEOR loads its full paraphrase table (~5 s per evaluation) because `javac` was not found "
-                   "next to `java` or on PATH; install a JDK (e.g. openjdk-17-jdk-headless) to cut it per evaluation")
-        return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f"helper-{key}.", dir=target.parent))
-    proc = subprocess.run([javac, "-nowarn", "-cp", str(jar), "-d", str(build), str(source)], capture_output=True)
-    if proc.returncode != 0:
-        shutil.rmtree(build, ignore_errors=True)
-        raise RuntimeError(f"javac {source.name} failed: {proc.stderr.decode(errors='replace')[-800:]}")
-    _publish(build, target)
-    return target
-
-
-def _javac_for(java: str) -> str | None:
-    beside = Path(java).resolve().with_name("javac")
-    return str(beside) if beside.is_file() else shutil.which("javac")
-
-
-def _publish(build: Path, target: Path) -> None:
-    """Move a finished build into place; if another process got there first, keep theirs."""
-    try:
-        os.replace(build, target)
-    except OSError:  # target exists and is not empty: a concurrent build won
-        shutil.rmtree(build, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,6 +352,6 @@ def _build_index(source: Path, folder: Path, digest: str) -> None:
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
-    _publish(build, folder)
+    text_server.publish(build, folder)
     logger.info("METEOR paraphrase index: %d entries, %d words in %.1f s", meta["entries"], meta["words"],
                 meta["build_seconds"])

@@ -440,7 +440,7 @@ def test_a_repeat_call_on_the_same_references_reuses_their_side_with_the_same_sc
     first = evaluate_captions(dict(zip(NON_NUMERIC_IDS, GOLDEN_PREDS)), refs, work_dir=tmp_path / "1", metrics=metrics)
     assert first == golden["ours_a"] and len(cm.REFERENCE_MEMO) == 1
     remembered = cm.REFERENCE_MEMO.get(cm.REFERENCE_MEMO.key(list(GOLDEN_REFS)))
-    cut_available = meteor_paraphrases.TableCutter.create("java", cm._require_java()[1]) is not None
+    cut_available = meteor_paraphrases.TableCutter.create(cm._require_java()[0]) is not None
     assert (remembered.word_ids is not None) == cut_available
 
     next_epoch = dict(zip(NON_NUMERIC_IDS, GOLDEN_PREDS[3:] + GOLDEN_PREDS[:3]))  # other candidates, same references

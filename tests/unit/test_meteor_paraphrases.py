@@ -54,8 +54,8 @@ def _statistics(tmp_path, table):
 @needs_java
 @needs_javac
 def test_cut_table_gives_the_statistics_of_the_full_table(tmp_path):
-    java, major = cm._require_java()
-    cut = mp.table_for(_lines(), tmp_path, java, major)
+    java, _ = cm._require_java()
+    cut = mp.table_for(_lines(), tmp_path, java)
     assert cut is not None
     empty = tmp_path / "empty.gz"
     with gzip.open(empty, "wb"):
@@ -75,8 +75,8 @@ def test_cut_table_is_the_one_meteors_filter_tool_writes(tmp_path):
     # FilterParaphrase normalises without punctuation; on plain lower-case words both normalisations agree.
     plain = ["a big automobile parked next to a flag", "a kid holding a lot of toys", "two men on a sofa"]
     lines = [f"SCORE ||| {ref} ||| a hypothesis" for ref in plain]
-    java, major = cm._require_java()
-    ours = mp.table_for(lines, tmp_path, java, major)
+    java, _ = cm._require_java()
+    ours = mp.table_for(lines, tmp_path, java)
     (tmp_path / "refs.txt").write_text("\n".join(plain) + "\n")
     subprocess.run(["java", "-cp", str(mp.meteor_jar()), "FilterParaphrase", str(mp.full_table()),
                     str(tmp_path / "official.gz"), str(tmp_path / "refs.txt")], check=True, capture_output=True)
@@ -90,10 +90,10 @@ def test_without_javac_meteor_loads_the_full_table_with_the_same_score(tmp_path,
     preds = {i: h for i, h in enumerate(HYPOTHESES)}
     cut = evaluate_captions(preds, refs, metrics=["METEOR"], work_dir=tmp_path / "cut")["METEOR"]
     monkeypatch.setenv("LAVIS_EXT_CACHE", str(tmp_path / "empty_cache"))  # no compiled helper there
-    monkeypatch.setattr(mp, "_javac_for", lambda java: None)
+    monkeypatch.setattr(mp.text_server, "_javac_for", lambda java: None)
     monkeypatch.setattr(mp, "_warned", set())
     with caplog.at_level(logging.WARNING, logger=mp.__name__):
-        assert mp.table_for(_lines(), tmp_path, "java", 17) is None
+        assert mp.table_for(_lines(), tmp_path, "java") is None
         full = evaluate_captions(preds, refs, metrics=["METEOR"], work_dir=tmp_path / "full")["METEOR"]
     assert "javac" in caplog.text and "full paraphrase table" in caplog.text
     assert full == cut
@@ -107,5 +107,5 @@ def test_an_unwritable_cache_falls_back_to_the_full_table(tmp_path, monkeypatch,
     monkeypatch.setenv("LAVIS_EXT_CACHE", str(blocker))
     monkeypatch.setattr(mp, "_warned", set())
     with caplog.at_level(logging.WARNING, logger=mp.__name__):
-        assert mp.table_for(_lines(), tmp_path, "java", 17) is None
+        assert mp.table_for(_lines(), tmp_path, "java") is None
     assert "full paraphrase table" in caplog.text and str(blocker) in caplog.text
