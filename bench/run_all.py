@@ -39,7 +39,7 @@ BUDGETS = {
     "data_pipeline": 2.0,
     "training_step": 9.0,
     "generation": 3.0,
-    "caption_scoring": 4.0,
+    "caption_scoring": 5.0,
     "strategies": 2.5,
     "ddp_scaling": 2.5,
     "checkpoint_io": 0.5,

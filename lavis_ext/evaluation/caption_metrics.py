@@ -22,8 +22,8 @@ METEOR's own FilterParaphrase tool makes; every statistic unchanged), its SCORE 
 sent one round trip at a time, large sets are split over two JVMs, and one EVAL line carries the summed
 statistics (:func:`_summed_statistics`). METEOR's normaliser runs while BLEU and ROUGE-L are computed and its
 scoring while CIDEr-D is (:class:`_MeteorRun`). Without a JDK (``javac``) METEOR loads its full table as before.
-The PTB tokenizer and METEOR's normaliser run in one JVM per process that stays up between calls
-(:mod:`lavis_ext.evaluation.text_server`: warm code, no JVM start per call; the tools' own output). What depends
+The PTB tokenizer, METEOR's normaliser and METEOR itself run in JVMs that stay up between calls
+(:mod:`lavis_ext.evaluation.text_server`: warm code, no JVM start per call; the tools' own code and output). What depends
 on the references alone (their PTB tokens, the words METEOR's cut needs) is remembered per process
 for the last few reference sets (:class:`_ReferenceMemo`): a training run scores the same validation references
 every epoch, and from the second call on only the candidates are tokenised and METEOR starts scoring at once.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gzip
 import hashlib
 import json
 import logging
@@ -48,6 +49,8 @@ import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+from lavis_ext.evaluation import text_server
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +253,6 @@ def ptb_tokenize(
         RuntimeError: Java failed or returned a different number of lines than it was given.
     """
     from pycocoevalcap.tokenizer import ptbtokenizer as lib
-
-    from lavis_ext.evaluation import text_server
 
     if not sentences:
         return []
@@ -535,9 +536,10 @@ class _MeteorRun:
     starts in ~0.5 s instead of ~5.5 s, with the same scores). The cut needs the references' words from METEOR's
     own normaliser (a JVM, started here in a thread); the caller runs a Python scorer meanwhile, then calls
     :meth:`start_scoring`, which cuts the table (a short burst that would crawl while another thread holds the
-    GIL) and starts scoring in threads. For large sets the SCORE lines go to two JVMs whose statistics are
-    joined in the original order. Where the table cannot be cut (no ``javac``), one JVM loads the full table
-    at once, as pycocoevalcap's does. Given ``reference_word_ids`` (remembered from an earlier call on the same
+    GIL) and starts scoring in threads, in the warm METEOR servers kept across calls (:class:`_ServedMeteor`).
+    For large sets the SCORE lines go to two of them, whose statistics are joined in the original order. Where
+    the table cannot be cut (no ``javac``), one JVM of its own loads the full table at once, as pycocoevalcap's
+    does. Given ``reference_word_ids`` (remembered from an earlier call on the same
     references, :class:`_ReferenceMemo`), there is no normaliser to wait for and scoring starts at once.
     """
 
@@ -547,7 +549,7 @@ class _MeteorRun:
 
         self.java, self.work_dir, self.timeout = java, work_dir, timeout
         self.lines = _meteor_score_lines(gts, res)
-        self.processes: list[_MeteorProcess] = []
+        self.processes: list[_MeteorProcess | _ServedMeteor] = []
         self.table: Path | None = None
         self.word_ids = reference_word_ids  # the references' words for the cut (given, or from the normaliser)
         self._scoring: list[_Job] | None = None
@@ -568,8 +570,11 @@ class _MeteorRun:
         self.table = self._cutter.write(word_ids, self.work_dir) if word_ids is not None else None
         parallel = (self.table is not None and len(self.lines) >= _PARALLEL_METEOR_MIN
                     and (os.cpu_count() or 1) >= 2)
-        self.processes = [_MeteorProcess(self.java, self.work_dir, self.timeout, self.table)
-                          for _ in range(2 if parallel else 1)]
+        if self.table is not None:  # warm METEOR JVMs kept across calls (text_server); a JVM each where they fail
+            self.processes = [_ServedMeteor(self.java, self.work_dir, self.timeout, self.table, slot)
+                              for slot in range(2 if parallel else 1)]
+        else:
+            self.processes = [_MeteorProcess(self.java, self.work_dir, self.timeout, None)]
         half = len(self.lines) // 2 if parallel else len(self.lines)
         parts = [self.lines[:half], self.lines[half:]][:len(self.processes)]
         self._scoring = [_Job(p.statistics, part) for p, part in zip(self.processes, parts)]
@@ -629,6 +634,77 @@ def _meteor_score_lines(gts: dict, res: dict) -> list[str]:
     return lines
 
 
+_METEOR_ARGS = ["-", "-", "-stdio", "-l", "en", "-norm"]  # pycocoevalcap's Meteor command line
+
+
+class _ServedMeteor:
+    """:class:`_MeteorProcess`'s two steps run by METEOR's own ``Meteor.main`` (same arguments, the cut table via
+    ``-a``) in a warm JVM kept across calls (:mod:`lavis_ext.evaluation.text_server`), on files instead of pipes.
+
+    Why: a new METEOR JVM per call spent ~0.5 s starting and then ran its scoring cold (~1.4 s for 2,500 captions
+    where warm code takes ~1.0 s). The SCORE lines and the one EVAL line are the ones :class:`_MeteorProcess`
+    sends, answered by the same code, so the statistics and the score are the same (tests compare them). EVAL
+    reads no paraphrase: it runs with an empty table, whose scorer is quick to build. Where the server fails, the
+    step runs in a :class:`_MeteorProcess` of its own instead, with a warning.
+    """
+
+    def __init__(self, java: str, work_dir: str, timeout: float, paraphrase_table: Path, slot: int):
+        self.java, self.work_dir, self.timeout, self.table = java, work_dir, timeout, paraphrase_table
+        self.server = text_server.server_for(java, slot)
+
+    def _run(self, lines: list[str], table: Path) -> list[str]:
+        fd, name = tempfile.mkstemp(prefix="meteor_in_", suffix=".txt", dir=self.work_dir)
+        out = Path(name).with_suffix(".out")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write("".join(line + "\n" for line in lines).encode())
+            self.server.meteor([*_METEOR_ARGS, "-a", str(table)], name, out, self.timeout)
+            return out.read_text(encoding="utf-8").splitlines()
+        finally:
+            Path(name).unlink(missing_ok=True)
+            out.unlink(missing_ok=True)
+
+    def _own_process(self, step: str, exc: Exception) -> _MeteorProcess:
+        warnings.warn(f"{exc}; METEOR's {step} runs in a JVM of its own", RuntimeWarning, stacklevel=3)
+        return _MeteorProcess(self.java, self.work_dir, self.timeout, self.table)
+
+    def statistics(self, lines: list[str]) -> list[str]:
+        """METEOR's statistics line for each SCORE line. Raises RuntimeError as :meth:`_MeteorProcess.statistics`."""
+        try:
+            stats = self._run(lines, self.table)
+        except text_server.TextServerError as exc:
+            process = self._own_process("scoring", exc)
+            try:
+                return process.statistics(lines)
+            finally:
+                process.close()
+        if len(stats) != len(lines) or (lines and not stats[-1].strip()):
+            raise RuntimeError(f"METEOR answered {len(stats)} statistics lines for {len(lines)} captions")
+        return [line.strip() for line in stats]
+
+    def evaluate(self, stats: list[str]) -> float:
+        """The corpus score by METEOR's EVAL command, as :meth:`_MeteorProcess.evaluate` sends it."""
+        summed = _summed_statistics(stats)
+        eval_line = "EVAL" + "".join(f" ||| {s}" for s in (stats if summed is None else [summed]))
+        empty = Path(self.work_dir) / "meteor_empty_paraphrases.gz"
+        with gzip.open(empty, "wb", compresslevel=0):
+            pass
+        try:
+            answer = self._run([eval_line], empty)
+        except text_server.TextServerError as exc:
+            process = self._own_process("EVAL", exc)
+            try:
+                return process.evaluate(stats)
+            finally:
+                process.close()
+        finally:
+            empty.unlink(missing_ok=True)
+        return float(answer[-1].strip())  # per-line scores, then the total
+
+    def close(self) -> None:
+        """Nothing to stop: the server stays up for the next call."""
+
+
 class _MeteorProcess:
     """pycocoevalcap's METEOR 1.5 JVM, same jar, arguments and line protocol, driven without round trips.
 
@@ -656,7 +732,7 @@ class _MeteorProcess:
         self._stderr = tempfile.TemporaryFile(dir=work_dir)  # noqa: SIM115  (open for the JVM's lifetime)
         self._stderr_bytes = b""
         self.proc = subprocess.Popen(
-            [java, *flags, "-jar", "-Xmx2G", str(jar), "-", "-", "-stdio", "-l", "en", "-norm", *extra],
+            [java, *flags, "-jar", "-Xmx2G", str(jar), *_METEOR_ARGS, *extra],
             cwd=work_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
         )
         self._fired = threading.Event()

@@ -1,19 +1,23 @@
-"""One JVM per process, kept alive across scoring calls, for the text passes that need Java: Stanford's PTB tokenizer
-(as pycocoevalcap runs it) and METEOR's reference normaliser (``java/CaptionTextServer.java``).
+"""JVMs kept alive across scoring calls for the caption metrics' Java tools: Stanford's PTB tokenizer (as
+pycocoevalcap runs it), METEOR's reference normaliser and METEOR itself on a cut paraphrase table
+(``java/CaptionTextServer.java``).
 
 Why: each scoring call used to start two short JVMs, one for the tokenizer and one for the normaliser, each paying
 the JVM start, class loading, the tokenizer's lexer tables or the normaliser's 43,000-word map, and running cold
 code, on the critical path of the call. A training run scores every epoch, and a sweep scores many runs in one
 process: from the second call on, this JVM is warm (5,000 captions x 6 tokenised in ~0.25 s instead of ~0.7 s;
-the normaliser ~1.1 s faster). The output is the command-line tools' own, byte for byte: a PTB request runs
-``PTBTokenizer.main`` with pycocoevalcap's arguments (tests/unit/test_text_server.py compares them).
+the normaliser ~1.1 s faster; METEOR scores 2,500 captions with a cut table in ~1.2 s instead of ~1.9 s, JVM
+start included). The output is the command-line tools' own, byte for byte: a PTB request runs ``PTBTokenizer.main``
+with pycocoevalcap's arguments, a METEOR request ``Meteor.main`` with the arguments pycocoevalcap's ``Meteor`` gives
+it, on files instead of pipes (tests/unit/test_text_server.py compares them). The price is memory held between calls:
+each JVM keeps its heap (at most 2 GB, as METEOR's own ``-Xmx2G``; a few hundred MB after a COCO-sized call).
 
 The server is compiled once with ``javac`` into the cache directory (``$LAVIS_EXT_CACHE/java``) against the
 pycocoevalcap jars. Without ``javac`` (a JRE only) :func:`server_for` raises :class:`TextServerError` and callers
 start the command-line tools as before. A server that dies, answers an error or stays silent past the timeout is killed and
 replaced at the next request; the failed request raises :class:`TextServerError` and the caller falls back.
-Requests are serialised per server (one JVM per process and Java executable, started in the process that uses it,
-so a forked DataLoader worker starts its own).
+Requests are serialised per server; a process has up to ``SLOTS`` servers per Java executable (METEOR scores a
+large set in two halves at once), each started in the process that uses it, so a forked worker starts its own.
 """
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ _MAIN = "CaptionTextServer"
 _SOURCES = ("CaptionTextServer.java", "MeteorNormalize.java")
 # A long-lived JVM: the default tiered JIT (warm code is the point); the serial collector keeps it to one GC thread
 # and a small heap on cores it shares with the scorers.
-_FLAGS = ["-XX:+IgnoreUnrecognizedVMOptions", "-XX:+UseSerialGC", "-Xmx1g"]
+_FLAGS = ["-XX:+IgnoreUnrecognizedVMOptions", "-XX:+UseSerialGC", "-Xmx2G"]  # METEOR's own -Xmx2G
+#: servers per process: METEOR scores a large set in two halves at once (caption_metrics._PARALLEL_METEOR_MIN)
+SLOTS = 2
 
 
 class TextServerError(RuntimeError):
@@ -115,6 +121,11 @@ class TextServer:
         """METEOR's normalised reference words of the SCORE lines in ``input_file`` as word ids (MeteorNormalize)."""
         self._request(["NORM", language, str(words_file), str(input_file), str(output_file)], timeout)
 
+    def meteor(self, args: list[str], input_file: str | Path, output_file: str | Path, timeout: float) -> None:
+        """METEOR's command line (``Meteor.main(args)``) with ``input_file`` as its standard input and its standard
+        output in ``output_file``; with ``-stdio`` it scores the file's SCORE / EVAL lines and returns at its end."""
+        self._request(["METEOR", str(input_file), str(output_file), *args], timeout)
+
     def _request(self, fields: list[str], timeout: float) -> None:
         if any("\t" in f or "\n" in f for f in fields):
             raise TextServerError(f"a tab or newline in a request field: {fields!r}")
@@ -180,8 +191,9 @@ _servers: dict[tuple, TextServer | TextServerError] = {}
 _servers_lock = threading.Lock()
 
 
-def server_for(java: str) -> TextServer:
-    """This process's server for ``java`` and cache folder, compiled on first use.
+def server_for(java: str, slot: int = 0) -> TextServer:
+    """This process's server number ``slot`` (``0 <= slot < SLOTS``) for ``java`` and the cache folder, compiled on
+    first use.
 
     Raises:
         TextServerError: it cannot be compiled here (the reason: no ``javac``, a failed build, an unwritable cache);
@@ -189,7 +201,9 @@ def server_for(java: str) -> TextServer:
     """
     from lavis_ext.compat import default_cache_root
 
-    key = (java, os.getpid(), str(default_cache_root()))  # a forked child gets its own JVM, not its parent's pipes
+    if not 0 <= slot < SLOTS:
+        raise ValueError(f"slot {slot} is outside 0..{SLOTS - 1}")
+    key = (java, os.getpid(), str(default_cache_root()), slot)  # a forked child starts its own JVM
     with _servers_lock:
         if key not in _servers:
             try:
@@ -204,6 +218,6 @@ def server_for(java: str) -> TextServer:
 
 @atexit.register
 def _close_all() -> None:
-    for (_, pid, _), server in _servers.items():
+    for (_, pid, _, _), server in _servers.items():
         if isinstance(server, TextServer) and pid == os.getpid():
             server.close()

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from lavis_ext.evaluation import caption_metrics as cm
+from lavis_ext.evaluation import text_server
 from lavis_ext.evaluation import evaluate_captions
 from lavis_ext.evaluation import meteor_paraphrases as mp
 
@@ -109,3 +110,25 @@ def test_an_unwritable_cache_falls_back_to_the_full_table(tmp_path, monkeypatch,
     with caplog.at_level(logging.WARNING, logger=mp.__name__):
         assert mp.table_for(_lines(), tmp_path, "java") is None
     assert "full paraphrase table" in caplog.text and str(blocker) in caplog.text
+
+
+@needs_java
+@needs_javac
+def test_meteor_in_the_text_server_answers_what_its_own_jvm_answers(tmp_path):
+    """The warm server runs Meteor.main on files: the same statistics and EVAL score as a METEOR JVM of its own,
+    on lines where paraphrases, stems and synonyms fire; both slots, and again once warm."""
+    java, _ = cm._require_java()
+    table = mp.table_for(_lines(), tmp_path, java)
+    lines = _lines() * 3
+    own = cm._MeteorProcess(java, str(tmp_path), timeout=300, paraphrase_table=table)
+    try:
+        expected = own.statistics(lines)
+        score = own.evaluate(expected)
+    finally:
+        own.close()
+    for slot in (0, 1, 0):
+        served = cm._ServedMeteor(java, str(tmp_path), 300, table, slot)
+        assert served.statistics(lines) == expected
+        assert served.evaluate(expected) == score
+    assert len({text_server.server_for(java, s)._proc.pid for s in (0, 1)}) == 2  # two JVMs, both kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [table.name]  # its files are gone
