@@ -641,8 +641,10 @@ class _ServedMeteor:
     """:class:`_MeteorProcess`'s two steps run by METEOR's own ``Meteor.main`` (same arguments, the cut table via
     ``-a``) in a warm JVM kept across calls (:mod:`lavis_ext.evaluation.text_server`), on files instead of pipes.
 
-    Why: a new METEOR JVM per call spent ~0.5 s starting and then ran its scoring cold (~1.4 s for 2,500 captions
-    where warm code takes ~1.0 s). The SCORE lines and the one EVAL line are the ones :class:`_MeteorProcess`
+    Why: a new METEOR JVM per call spent ~0.5 s starting (JVM, jar, its synonym and stem tables) before it scored
+    its first caption, on the critical path of every call; warm servers scored 5,000 x 5 new-reference calls in
+    3.3 s against 4.2 s with a JVM per call (interleaved A/B, tiered JIT; with the client JIT the servers use,
+    3.6-3.9 s, and a first call of 4.2-4.5 s instead of 6.2-7.3 s: ``text_server._FLAGS``). The SCORE lines and the one EVAL line are the ones :class:`_MeteorProcess`
     sends, answered by the same code, so the statistics and the score are the same (tests compare them). EVAL
     reads no paraphrase: it runs with an empty table, whose scorer is quick to build. Where the server fails, the
     step runs in a :class:`_MeteorProcess` of its own instead, with a warning.
