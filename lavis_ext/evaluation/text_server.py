@@ -10,7 +10,8 @@ the normaliser ~1 s faster; METEOR scores 2,500 captions with a cut table in ~1.
 start included). The output is the command-line tools' own, byte for byte: a PTB request runs ``PTBTokenizer.main``
 with pycocoevalcap's arguments, a METEOR request ``Meteor.main`` with the arguments pycocoevalcap's ``Meteor`` gives
 it, on files instead of pipes (tests/unit/test_text_server.py compares them). The price is memory held between calls:
-each JVM keeps its heap (at most 2 GB, as METEOR's own ``-Xmx2G``; a few hundred MB after a COCO-sized call).
+about 230 MB per JVM after COCO-sized calls (each collects its heap after a request; at most 2 GB while working, as
+METEOR's own ``-Xmx2G``).
 
 The server is compiled once with ``javac`` into the cache directory (``$LAVIS_EXT_CACHE/java``) against the
 pycocoevalcap jars. Without ``javac`` (a JRE only) :func:`server_for` raises :class:`TextServerError` and callers
@@ -41,7 +42,10 @@ _SOURCES = ("CaptionTextServer.java", "MeteorNormalize.java")
 # Measured over 5 calls in one process (5,000 x 5 captions, 2 cores): with the default tiered JIT the first call
 # took 6.2-7.3 s (C2 compiler threads compete for the cores) and warm calls 3.3-3.5 s; with C1 only, 4.2-4.5 s
 # (less than the 4.65 s of a JVM per call) and 3.6-3.9 s. A one-off evaluation is one call: C1.
-_FLAGS = ["-XX:+IgnoreUnrecognizedVMOptions", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xmx2G"]  # METEOR's -Xmx2G
+# After each request the server collects its heap, and these ratios let the heap shrink to what is live, so that
+# a process does not keep METEOR's working memory between calls (RSS grew by ~80 MB a call without them).
+_FLAGS = ["-XX:+IgnoreUnrecognizedVMOptions", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xmx2G",  # METEOR's
+          "-XX:MinHeapFreeRatio=10", "-XX:MaxHeapFreeRatio=30"]
 #: servers per process: METEOR scores a large set in two halves at once (caption_metrics._PARALLEL_METEOR_MIN)
 SLOTS = 2
 

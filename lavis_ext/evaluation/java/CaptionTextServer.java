@@ -53,6 +53,9 @@ public class CaptionTextServer {
                 error.printStackTrace(new PrintWriter(trace));
                 reply.println("ERROR " + trace.toString().replace('\n', ' ').replace('\r', ' '));
             }
+            // After the answer, while the caller works: a full collection, so that the heap (and what the process
+            // holds between calls) shrinks back to what is live (-XX:MaxHeapFreeRatio, text_server.py).
+            System.gc();
         }
     }
 
