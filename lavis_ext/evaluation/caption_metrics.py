@@ -666,20 +666,21 @@ class _ServedMeteor:
             Path(name).unlink(missing_ok=True)
             out.unlink(missing_ok=True)
 
-    def _own_process(self, step: str, exc: Exception) -> _MeteorProcess:
+    def _in_own_process(self, step: str, exc: Exception, method: str, argument):
+        """``_MeteorProcess.<method>(argument)`` in a METEOR JVM of its own, after the server failed ``step``."""
         warnings.warn(f"{exc}; METEOR's {step} runs in a JVM of its own", RuntimeWarning, stacklevel=3)
-        return _MeteorProcess(self.java, self.work_dir, self.timeout, self.table)
+        process = _MeteorProcess(self.java, self.work_dir, self.timeout, self.table)
+        try:
+            return getattr(process, method)(argument)
+        finally:
+            process.close()
 
     def statistics(self, lines: list[str]) -> list[str]:
         """METEOR's statistics line for each SCORE line. Raises RuntimeError as :meth:`_MeteorProcess.statistics`."""
         try:
             stats = self._run(lines, self.table)
         except text_server.TextServerError as exc:
-            process = self._own_process("scoring", exc)
-            try:
-                return process.statistics(lines)
-            finally:
-                process.close()
+            return self._in_own_process("scoring", exc, "statistics", lines)
         if len(stats) != len(lines) or (lines and not stats[-1].strip()):
             raise RuntimeError(f"METEOR answered {len(stats)} statistics lines for {len(lines)} captions")
         return [line.strip() for line in stats]
@@ -694,11 +695,7 @@ class _ServedMeteor:
         try:
             answer = self._run([eval_line], empty)
         except text_server.TextServerError as exc:
-            process = self._own_process("EVAL", exc)
-            try:
-                return process.evaluate(stats)
-            finally:
-                process.close()
+            return self._in_own_process("EVAL", exc, "evaluate", stats)
         finally:
             empty.unlink(missing_ok=True)
         return float(answer[-1].strip())  # per-line scores, then the total

@@ -90,3 +90,19 @@ def test_ptb_tokenize_falls_back_to_the_command_line_tool(tmp_path, monkeypatch)
         text_server.server_for("java")
     assert cm.ptb_tokenize(CAPTIONS, tmp_path) == served  # a JRE alone: the command-line tool
     assert not list(tmp_path.glob("ptb_*"))  # its temporary files are gone
+
+
+def test_meteor_falls_back_to_a_jvm_of_its_own_with_the_same_score(tmp_path, monkeypatch):
+    refs = {i: [f"a big car number {i} parked", "a large automobile by a flag"] for i in range(4)}
+    preds = {i: "a large car parked next to a flag" for i in range(4)}
+    served = cm.evaluate_captions(preds, refs, metrics=["METEOR"], work_dir=tmp_path / "a")["METEOR"]
+
+    def broken(*args, **kwargs):
+        raise text_server.TextServerError("the caption text server died (test)")
+
+    monkeypatch.setattr(text_server.TextServer, "meteor", broken)
+    cm.REFERENCE_MEMO.clear()
+    with pytest.warns(RuntimeWarning, match="METEOR's (scoring|EVAL) runs in a JVM of its own") as caught:
+        own = cm.evaluate_captions(preds, refs, metrics=["METEOR"], work_dir=tmp_path / "b")["METEOR"]
+    assert {m for m in ("scoring", "EVAL") for w in caught if f"METEOR's {m}" in str(w.message)} == {"scoring", "EVAL"}
+    assert own == served
