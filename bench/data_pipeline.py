@@ -167,7 +167,6 @@ def stage_costs(urls, count, jpegs, vis, text, runs: int) -> dict[str, float]:
     does), so the rest is what the pipeline adds.
     """
     from lavis_ext.datasets.wds_pipeline import WdsSplitDataset
-    from lavis_ext.images import decode_image
 
     ds = WdsSplitDataset(urls, mode="caption_train", vis_processor=vis, text_processor=text, length=count,
                          shuffle_buffer=1000, seed=0)

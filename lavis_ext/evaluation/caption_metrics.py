@@ -275,7 +275,7 @@ def ptb_tokenize(
             except text_server.TextServerError as exc:
                 warnings.warn(f"{exc}; tokenising in a JVM of its own", RuntimeWarning, stacklevel=2)
         if output is None:
-            jar = Path(lib.__file__).resolve().with_name(lib.STANFORD_CORENLP_3_4_1_JAR)
+            jar = text_server.ptb_jar()
             proc = subprocess.run(
                 [java, *_SHORT_JVM, "-cp", str(jar), _PTB_MAIN, "-preserveLines", "-lowerCase", tmp_path],
                 cwd=work_dir, stdin=subprocess.DEVNULL, capture_output=True,
@@ -644,8 +644,8 @@ class _ServedMeteor:
     Why: a new METEOR JVM per call spent ~0.5 s starting (JVM, jar, its synonym and stem tables) before it scored
     its first caption, on the critical path of every call; warm servers scored 5,000 x 5 new-reference calls in
     3.3 s against 4.2 s with a JVM per call (interleaved A/B, tiered JIT; with the client JIT the servers use,
-    3.6-3.9 s, and a first call of 4.2-4.5 s instead of 6.2-7.3 s: ``text_server._FLAGS``). The SCORE lines and the one EVAL line are the ones :class:`_MeteorProcess`
-    sends, answered by the same code, so the statistics and the score are the same (tests compare them). EVAL
+    3.6-3.9 s, and a first call of 4.2-4.5 s instead of 6.2-7.3 s: ``text_server._FLAGS``). The SCORE lines and
+    the one EVAL line are the ones :class:`_MeteorProcess` sends, answered by the same code, so the statistics and the score are the same (tests compare them). EVAL
     reads no paraphrase: it runs with an empty table, whose scorer is quick to build. Where the server fails, the
     step runs in a :class:`_MeteorProcess` of its own instead, with a warning.
     """
@@ -722,9 +722,7 @@ class _MeteorProcess:
     """
 
     def __init__(self, java: str, work_dir: str, timeout: float, paraphrase_table: Path | None = None):
-        from pycocoevalcap.meteor import meteor as lib
-
-        jar = Path(lib.__file__).resolve().with_name(lib.METEOR_JAR)
+        jar = text_server.meteor_jar()
         extra = [] if paraphrase_table is None else ["-a", str(paraphrase_table)]
         flags = [] if paraphrase_table is None else _CUT_TABLE_JVM
         self.timeout = timeout

@@ -20,7 +20,8 @@ captions where paraphrases fire.
 How: the table is parsed once into an index under the cache root (``$LAVIS_EXT_CACHE``, default
 ``~/.cache/lavis_ext``; ~320 MB, ~30 s, keyed by the table's sha256), and the normaliser runs in the process's
 caption text server (:mod:`lavis_ext.evaluation.text_server`, compiled once with ``javac``, warm across calls).
-Each evaluation then picks its entries with numpy and writes them as a stored (uncompressed) gz that METEOR reads through its own ``-a`` option: ~10^4 entries for a small caption vocabulary, ~10^5-10^6 for a large
+Each evaluation then picks its entries with numpy and writes them as a stored (uncompressed) gz that METEOR reads
+through its own ``-a`` option: ~10^4 entries for a small caption vocabulary, ~10^5-10^6 for a large
 one (a 14,500-word set of 25,000 sentences kept 13% of the table; METEOR then starts in ~1.2 s). Without
 ``javac`` or a writable cache, METEOR loads its full table as before (same scores, slower), with a warning.
 """
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from lavis_ext.evaluation import text_server
-from lavis_ext.evaluation.text_server import TextServer
+from lavis_ext.evaluation.text_server import meteor_jar
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,6 @@ def cache_root() -> Path:
     from lavis_ext.compat import default_cache_root
 
     return default_cache_root() / "meteor"
-
-
-def meteor_jar() -> Path:
-    from pycocoevalcap.meteor import meteor as lib
-
-    return Path(lib.__file__).resolve().with_name(lib.METEOR_JAR)
 
 
 def full_table() -> Path:
@@ -103,7 +98,7 @@ class TableCutter:
     full table, with the same scores.
     """
 
-    def __init__(self, server: TextServer, index: _Index):
+    def __init__(self, server: text_server.TextServer, index: _Index):
         self.server, self.index = server, index
 
     @classmethod

@@ -34,7 +34,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TextServer", "TextServerError", "compiled_classes", "publish", "server_for"]
+__all__ = ["TextServer", "TextServerError", "compiled_classes", "meteor_jar", "ptb_jar", "publish", "server_for"]
 
 _MAIN = "CaptionTextServer"
 _SOURCES = ("CaptionTextServer.java", "MeteorNormalize.java")
@@ -54,13 +54,23 @@ class TextServerError(RuntimeError):
     """A request failed: the server answered an error, died, or did not answer in time (it has been stopped)."""
 
 
-def jars() -> list[Path]:
-    """pycocoevalcap's PTB tokenizer (Stanford CoreNLP 3.4.1) and METEOR 1.5 jars."""
-    from pycocoevalcap.meteor import meteor
+def ptb_jar() -> Path:
+    """pycocoevalcap's PTB tokenizer jar (Stanford CoreNLP 3.4.1)."""
     from pycocoevalcap.tokenizer import ptbtokenizer
 
-    return [Path(ptbtokenizer.__file__).resolve().with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR),
-            Path(meteor.__file__).resolve().with_name(meteor.METEOR_JAR)]
+    return Path(ptbtokenizer.__file__).resolve().with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+
+
+def meteor_jar() -> Path:
+    """pycocoevalcap's METEOR 1.5 jar."""
+    from pycocoevalcap.meteor import meteor
+
+    return Path(meteor.__file__).resolve().with_name(meteor.METEOR_JAR)
+
+
+def jars() -> list[Path]:
+    """The server's class path: both jars."""
+    return [ptb_jar(), meteor_jar()]
 
 
 def compiled_classes(java: str) -> Path:

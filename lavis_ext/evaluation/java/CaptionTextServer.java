@@ -20,7 +20,7 @@
  * The server ends when stdin closes.
  *
  * Compiled once against stanford-corenlp-3.4.1.jar and meteor-1.5.jar into the cache directory
- * (lavis_ext/evaluation/meteor_paraphrases.py); run with both jars and MeteorNormalize on the class path.
+ * (lavis_ext/evaluation/text_server.py); run with both jars and MeteorNormalize on the class path.
  */
 import java.io.BufferedReader;
 import java.io.FileOutputStream;
