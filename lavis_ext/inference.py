@@ -36,6 +36,7 @@ from lavis_ext.custom_imports import KEY as CUSTOM_KEY
 from lavis_ext.custom_imports import import_custom_modules
 from lavis_ext.images import to_rgb8
 from lavis_ext.models.llm_specs import spec_for_arch
+from lavis_ext.processors import fuse_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Blip2Predictor:
 
     def __init__(self, model, vis_processor, config: DictConfig, source: str, device: torch.device):
         self.model = model.eval()
-        self.vis_processor = vis_processor
+        self.vis_processor = fuse_image_processor(vis_processor)  # same tensors, without ToTensor's copies
         self.config = config
         self.source = source
         self.device = device

@@ -63,6 +63,7 @@ from lavis_ext.datasets.bad_records import BadRecordLog, resolve_policy
 from lavis_ext.datasets.builders import BAD_RECORD_OPTION, VQA_PROMPT_OPTION, OptionsBuilder, read_build_info
 from lavis_ext.datasets.wds_pipeline import DEFAULT_VQA_PROMPT, collate, format_sample
 from lavis_ext.images import decode_image
+from lavis_ext.processors import fuse_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -449,7 +450,7 @@ class AnnotationDataset(torch.utils.data.Dataset):
             raise ValueError(f"VQA prompt {prompt!r} has no '{{}}' for the question; e.g. {DEFAULT_VQA_PROMPT!r}")
         self.entries = list(entries)
         self.mode = mode
-        self.vis_processor = vis_processor
+        self.vis_processor = fuse_image_processor(vis_processor)  # same tensors, without ToTensor's copies
         self.text_processor = text_processor
         self.prompt = prompt or ""
         self.name = name or mode

@@ -81,6 +81,7 @@ import webdataset as wds
 from lavis_ext.datasets.bad_records import BadRecordError, resolve_policy
 from lavis_ext.datasets.tar_reader import TarError, iter_samples
 from lavis_ext.images import decode_image
+from lavis_ext.processors import fuse_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ class WdsSplitDataset(wds.DataPipeline):
             raise ValueError(f"decode_cache_mb={decode_cache_mb!r} must be >= 0 (0 turns the decoded-image cache off)")
         self.urls = expand_shards(urls, root)
         self.mode = mode
-        self.vis_processor = vis_processor
+        self.vis_processor = fuse_image_processor(vis_processor)  # same tensors, without ToTensor's copies
         self.text_processor = text_processor
         self.num_samples = None if length is None else int(length)
         self.shuffle_buffer = int(shuffle_buffer or 0)
