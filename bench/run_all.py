@@ -37,6 +37,7 @@ NOT_BENCHES = {"common.py", "run_all.py", "gpu_step.py"}  # gpu_step runs only f
 BUDGETS = {
     "import_time": 1.0,
     "data_pipeline": 2.0,
+    "tar_reading": 1.0,
     "training_step": 9.0,
     "generation": 3.0,
     "caption_scoring": 5.0,

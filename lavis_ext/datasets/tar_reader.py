@@ -135,6 +135,12 @@ def _checksum_ok(header: bytes, offset: int) -> bool:
 
 
 def _pax_records(data: bytes, offset: int) -> dict[str, str]:
+    length, _, rest = data.partition(b" ")
+    if length.isdigit() and int(length) == len(data) and data[-1:] == b"\n" and b"=" in rest:
+        # one record, the usual case (tarfile writes "NN mtime=..." for a float mtime, as webdataset's TarWriter
+        # and img2dataset give it): split in C instead of the loop below
+        key, _, value = rest[:-1].partition(b"=")
+        return {key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")}
     records, pos = {}, 0
     while (match := _PAX_RECORD.match(data, pos)) is not None:
         length = int(match.group(1))
@@ -227,7 +233,7 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
                 raise TarError(f"damaged member header at byte {at} (bad checksum)")
         first = False
         kind = header[156]
-        extended = {**global_pax, **pax} if pax or global_pax else None
+        extended = ({**global_pax, **pax} if global_pax else pax) if pax or global_pax else None
         try:
             size = int(header[124:136].partition(b"\0")[0], 8)
         except ValueError:
@@ -236,10 +242,15 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             size = int(extended["size"])
         padded = (size + 511) & ~511
         if kind in _EXTENDED:  # their data describes the next member
-            data = take(padded)
-            if data is None:
-                raise TarError(f"the shard ends inside the extended header at byte {at} (cut short)")
-            data = data[:size]
+            if pos + padded <= len(buf):  # inline take(padded): a pax header comes before every member of most shards
+                data = buf[pos:pos + size]
+                pos += padded
+                offset += padded
+            else:
+                data = take(padded)
+                if data is None:
+                    raise TarError(f"the shard ends inside the extended header at byte {at} (cut short)")
+                data = data[:size]
             if kind == _LONGNAME:
                 long_name = _nts(data)
             elif kind == _PAX:
