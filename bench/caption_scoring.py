@@ -37,7 +37,6 @@ Usage: python bench/caption_scoring.py [--quick] [--runs 3] [--json OUT] [--imag
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -49,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
+from common import add_common_args, print_rows, process_cpu_seconds, resolve_runs, row, stat, write_json  # noqa: E402
 
 KEYS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
 SUBJECTS = ["a man", "a woman", "two dogs", "a cat", "a group of people", "a young boy", "an old bus", "a red car",
@@ -129,9 +128,7 @@ def cpu_seconds() -> float:
     for found in list(text_server._servers.values()):
         proc = getattr(found, "_proc", None)
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(OSError):  # fields 14-15 of /proc/PID/stat: utime, stime in clock ticks
-                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                server += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            server += process_cpu_seconds(proc.pid)
     return t.user + t.system + t.children_user + t.children_system + server
 
 

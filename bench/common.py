@@ -243,6 +243,17 @@ def interleaved_wall_cpu(fns: dict[str, Callable[[], object]], runs: int, warmup
     return ({n: [w for w, _ in v] for n, v in pairs.items()}, {n: [c for _, c in v] for n, v in pairs.items()})
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of another live process (all its threads; not its children), from
+    /proc/PID/stat (fields 14-15, clock ticks): a server that stays up between the calls being timed. 0.0 when it
+    is gone or the system has no /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def setup_paths() -> None:
     """Make ``lavis_ext`` and ``tests/tiny_models`` importable from a bench run anywhere, and point the tiny
     configs at the synthetic data (``make data``) unless LAVIS_EXT_DATA says otherwise."""

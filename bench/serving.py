@@ -19,8 +19,11 @@ processes held the cores, which measures the scheduler, not the servers); the lo
 each concurrency (1, 8, 32 clients) the peer and ours are driven alternately with the same fixed number of
 requests (64 x 64 PNGs), after a warm-up, so load changes on a shared machine hit both.
 
-Rows: throughput ratio (ours / peer) at 1, 8 and 32 clients (target 4.0 at 32), and p50 / p99 latency at 32
-clients (ratio peer / ours; p99 target 1.0: no worse), against each peer at 32 clients.
+Rows: throughput ratio (ours / peer) at 1, 8 and 32 clients (targets, issue 18, against the async peer: 1.0 at 1
+and 8.0 at 32), and p50 / p99 latency at 32 clients (ratio peer / ours; p99 target 1.0: no worse), against each
+peer at 32 clients. The rows against the async peer say where a request's CPU goes: each server process's CPU time
+(/proc) and the load generator's per request, and the model's own CPU per image at batch 1 and at the max batch,
+measured in this process after the servers stop.
 Usage: python bench/serving.py [--quick] [--runs N] [--json OUT] [--threads 1] [--max-batch 16]
 """
 
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, print_rows, resolve_runs, row, stat, write_json  # noqa: E402
+from common import add_common_args, print_rows, process_cpu_seconds, resolve_runs, row, stat, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = REPO / "projects/tiny/caption_opt.yaml"
@@ -58,17 +61,51 @@ PEER_LABELS = {"peer": "FastAPI async handler, one generate per request",
 SERVERS = ("peer", "peer_threaded", "peer_litserve", "ours")
 PEER_NAMES = {"peer": "async handler", "peer_threaded": "thread handler", "peer_litserve": "LitServe batching"}
 EVERY_ROW = ("peer", "peer_litserve")  # the peers run at every client count; the others at 32 only
-# What profiles showed where the async-peer targets are missed (2026-12-06, 2 idle cores), said on those rows.
-WHY = {
-    1: "; 1 client, measured apart (5 x 24 requests, same model): ours 0.96x with the same server CPU per request "
-       "(32.5 ms); the rest is per-request Python: with a stub model ours' app costs 0.9 ms a request against the "
-       "peer's 0.43 ms (FastAPI resolving our 10 optional form fields and the API-key dependencies, profiled) plus "
-       "the hop to the model's worker thread",
-    32: "; LitServe's batching with process workers (same max batch, wait and worker count) reaches the same "
-        "throughput at 32 clients (its row), so the gap to 8x is not our batcher's alone; where a batched request's "
-        "time goes at 32 clients (HTTP + PNG decode on the event loop, a batch-16 greedy decode per worker) was not "
-        "profiled further",
-}
+
+
+def cpu_breakdown(results: dict, model_ms: dict, max_batch: int) -> dict[int, str]:
+    """Notes for the rows against the async peer: where the CPU of a request goes, from this run's figures (the
+    servers' CPU time from /proc, the load generator's, the model's own per image measured in this process)."""
+    def med(name, clients, key):
+        return stat(key, [m[key] for m in results[name][clients]])["median"]
+
+    cores = os.cpu_count() or 1
+    peer32 = med("peer", 32, "throughput")
+    budget = cores * 1000 / (8 * peer32)  # CPU ms a request may take, server and client together, for 8x
+    return {
+        1: f"; CPU per request: ours' server {med('ours', 1, 'server_cpu_ms'):.1f} ms, the peer's "
+           f"{med('peer', 1, 'server_cpu_ms'):.1f} ms (the model alone at batch 1: {model_ms[1]:.1f} ms): the same "
+           f"model call, so the difference is each server's own per-request work",
+        32: f"; 8x the peer's {peer32:.1f} req/s needs {8 * peer32:.0f} req/s, at most {budget:.1f} ms of CPU per "
+            f"request on the {cores} cores for server and load generator together; measured per request: ours' "
+            f"server {med('ours', 32, 'server_cpu_ms'):.1f} ms (the model alone at batch {max_batch}: "
+            f"{model_ms[max_batch]:.1f} ms; the rest is HTTP, upload checks and the batcher), the load generator "
+            f"(httpx, in the bench process) {med('ours', 32, 'client_cpu_ms'):.1f} ms",
+    }
+
+
+def model_cpu_ms(threads: int, batches: tuple[int, ...], images: list[bytes], runs: int = 3) -> dict[int, float]:
+    """CPU ms per image of ``predictor.caption`` at each batch size, the servers' model and thread count, in this
+    process (median of ``runs`` calls after one warm-up)."""
+    import torch
+    from PIL import Image
+
+    from lavis_ext.inference import load
+
+    torch.set_num_threads(threads)
+    predictor = load(cfg_path=PROJECT, options=WIDEN, device="cpu")
+    pils = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+    out = {}
+    for size in batches:
+        batch = [pils[i % len(pils)] for i in range(size)]
+        predictor.caption(batch)
+        times = []
+        for _ in range(runs):
+            start = time.process_time()
+            predictor.caption(batch)
+            times.append((time.process_time() - start) * 1000 / size)
+        out[size] = stat("model", times)["median"]
+    return out
 
 
 def has_litserve() -> bool:
@@ -138,8 +175,10 @@ def test_images(count: int = 32) -> list[bytes]:
     return out
 
 
-async def drive(url: str, clients: int, requests: int, images: list[bytes]) -> dict:
-    """``clients`` concurrent clients send ``requests`` captions in all; throughput and latency percentiles."""
+async def drive(url: str, clients: int, requests: int, images: list[bytes], server_pid: int | None = None) -> dict:
+    """``clients`` concurrent clients send ``requests`` captions in all; throughput and latency percentiles, and CPU
+    ms per request of this process (the load generator) and of the server process ``server_pid`` (its own threads;
+    a server whose work runs in child processes, LitServe's, is not counted)."""
     import httpx
     import numpy as np
 
@@ -156,11 +195,14 @@ async def drive(url: str, clients: int, requests: int, images: list[bytes]) -> d
                 if reply.status_code != 200:
                     raise RuntimeError(f"{url}: HTTP {reply.status_code}: {reply.text[:200]}")
 
-        start = time.perf_counter()
+        server0 = process_cpu_seconds(server_pid) if server_pid else 0.0
+        start, client0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one_client() for _ in range(clients)))
-        wall = time.perf_counter() - start
+        wall, client = time.perf_counter() - start, time.process_time() - client0
+        server = process_cpu_seconds(server_pid) - server0 if server_pid else 0.0
     ms = np.array(latencies) * 1000
-    return {"throughput": requests / wall, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+    return {"throughput": requests / wall, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+            "client_cpu_ms": client * 1000 / requests, "server_cpu_ms": server * 1000 / requests}
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -291,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         pause_group(processes[name], False)
                         try:
-                            measured = asyncio.run(drive(urls[name], clients, requests[clients], images))
+                            measured = asyncio.run(drive(urls[name], clients, requests[clients], images,
+                                                         processes[name].pid))
                         finally:
                             pause_group(processes[name], True)
                         results[name][clients].append(measured)
@@ -301,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
             for process in processes.values():
                 pause_group(process, False)  # a stopped process would not act on SIGTERM
             stop_groups(processes.values())
+        os.environ["LAVIS_EXT_DATA"] = env["LAVIS_EXT_DATA"]  # the tokenizers, for the model loaded here
+        model_ms = model_cpu_ms(args.threads, (1, args.max_batch), images)
+    why = cpu_breakdown(results, model_ms, args.max_batch)
 
     rows = []
     ours_label = (f"lavis-ext serve (max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "
@@ -313,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 stat(PEER_LABELS[peer], [m["throughput"] for m in results[peer][clients]]),
                 target={1: 1.0, 32: 8.0}.get(clients) if peer == "peer" else None,  # issue 18 (vs the async peer): never slower alone, 8x at 32
                 note=f"{requests[clients]} requests per run, {runs} run(s), torch threads {args.threads}"
-                     + (WHY.get(clients, "") if peer == "peer" else "")))
+                     + (why.get(clients, "") if peer == "peer" else "")))
     for peer, style in PEERS.items():
         if peer not in servers:
             continue

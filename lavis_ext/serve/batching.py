@@ -15,6 +15,14 @@ another, or sparse traffic, gets no wait at all, so one client is never slower t
 after a burst ends, one batch at most waits. (An average of the company seen at arrival, the previous rule,
 took ~15 lone requests to forget a burst of 32 clients, each held ``max_wait_ms``.)
 
+Requests still arriving count as company too. The server marks each model request as arriving from the moment
+its headers are in until its jobs are queued (:meth:`MicroBatcher.arriving`, used by an ASGI middleware), and a
+batch that is not full keeps waiting while any request is arriving, up to ``arrival_wait_ms`` after its first
+job. Why: clients answered together send their next requests together, but the event loop reads and checks
+their bodies one after another (~1 ms each with two cores shared with the model), so such a wave reaches the
+queue over tens of milliseconds; a fixed ``max_wait_ms`` cut it into one full batch and one of a few jobs
+(32 clients, 2 workers: mean batch 9.7 of 16).
+
 One worker thread by default: on a GPU, or on a CPU where torch's intra-op threads already use every
 core, a second concurrent forward pass only competes for the same hardware. For small models on a CPU,
 where one forward pass cannot keep several cores busy, ``workers=N`` runs up to N batches at once (each
@@ -30,12 +38,34 @@ import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("caption", "vqa")
+
+
+class _Arrival:
+    """One request announced as arriving; settled once, when its jobs are queued or the request ends."""
+
+    __slots__ = ("batcher", "open")
+
+    def __init__(self, batcher: "MicroBatcher"):
+        self.batcher, self.open = batcher, True
+        batcher._arriving += 1
+
+    def settle(self) -> None:
+        if self.open:
+            self.open = False
+            self.batcher._arriving -= 1
+
+
+# The arriving request of the running task (set by MicroBatcher.arriving, read by submit_many): a context
+# variable, so the server's middleware and its endpoint need not pass the request around.
+_ARRIVAL: ContextVar[_Arrival | None] = ContextVar("lavis_ext_arrival", default=None)
 
 
 class QueueFullError(RuntimeError):
@@ -98,12 +128,14 @@ class MicroBatcher:
         max_batch: most jobs per forward pass.
         max_wait_ms: longest a job waits for company before its batch starts (only under concurrent load; see
             the module docstring).
+        arrival_wait_ms: longest a batch that is not full waits, from its first job, while requests are still
+            arriving (module docstring); at least ``max_wait_ms``.
         max_queue: waiting jobs beyond which ``submit`` fails with ``QueueFullError`` (back-pressure).
         workers: forward passes that may run at once (worker threads); see the module docstring.
     """
 
     def __init__(self, predictor, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 workers: int = 1):
+                 workers: int = 1, arrival_wait_ms: float = 50.0):
         if int(max_batch) < 1:
             raise ValueError(f"max_batch={max_batch!r} must be >= 1")
         if float(max_wait_ms) < 0:
@@ -112,13 +144,17 @@ class MicroBatcher:
             raise ValueError(f"max_queue={max_queue!r} must be >= 1")
         if int(workers) < 1:
             raise ValueError(f"workers={workers!r} must be >= 1")
+        if float(arrival_wait_ms) < 0:
+            raise ValueError(f"arrival_wait_ms={arrival_wait_ms!r} must be >= 0")
         self.predictor = predictor
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
         self.workers = int(workers)
+        self.arrival_wait = max(float(arrival_wait_ms) / 1000.0, self.max_wait)
         self.stats = BatchStats()
         self._in_flight = 0  # jobs submitted and not yet answered
+        self._arriving = 0  # requests announced (MicroBatcher.arriving) whose jobs are not queued yet
         self._last_batch = 0  # size of the batch collected last
         self._queue: asyncio.Queue | None = None
         self._collector: asyncio.Task | None = None
@@ -173,6 +209,19 @@ class MicroBatcher:
             self._executor = None
 
     # ---- submitting -----------------------------------------------------------------------------
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark the request handled inside this block as arriving until it queues its jobs (or the block ends),
+        so that a batch being collected waits for it (module docstring). The server's middleware wraps each
+        model request in it; ``submit_many`` in the same task settles it."""
+        ticket = _Arrival(self)
+        token = _ARRIVAL.set(ticket)
+        try:
+            yield
+        finally:
+            ticket.settle()
+            _ARRIVAL.reset(token)
+
     async def submit(self, task: str, image, text: str | None, decoding) -> str:
         """Queue one job and wait for its output string.
 
@@ -198,6 +247,9 @@ class MicroBatcher:
             raise QueueFullError(
                 f"{self._queue.qsize()} jobs are waiting (limit {self.max_queue}); the server is overloaded, retry later"
             )
+        ticket = _ARRIVAL.get()
+        if ticket is not None:
+            ticket.settle()  # queued now: no longer arriving
         loop = asyncio.get_running_loop()
         jobs = [_Job(task, image, text, decoding, loop.create_future()) for image, text in zip(images, texts)]
         for job in jobs:
@@ -216,9 +268,10 @@ class MicroBatcher:
         self._in_flight -= 1
 
     def wait_for_company(self, in_batch: int = 0) -> float:
-        """Seconds a batch holding ``in_batch`` jobs waits for more: ``max_wait_ms`` when other jobs are queued or
-        running now, or the previous batch had company; else 0 (a request alone gains nothing from waiting)."""
-        others = self._in_flight - in_batch
+        """Seconds a batch holding ``in_batch`` jobs waits for more: ``max_wait_ms`` when other jobs are queued,
+        running or arriving now, or the previous batch had company; else 0 (a request alone gains nothing from
+        waiting)."""
+        others = self._in_flight - in_batch + self._arriving
         return self.max_wait if others > 0 or self._last_batch > 1 else 0.0
 
     # ---- the collector and the worker -----------------------------------------------------------
@@ -262,33 +315,36 @@ class MicroBatcher:
 
     async def _collect_batch(self) -> list[_Job]:
         """The first waiting job, then more until ``max_batch`` or :meth:`wait_for_company` after the first one's
-        arrival (jobs already queued always join)."""
+        arrival, longer (up to ``arrival_wait_ms``) while requests are arriving; jobs already queued always join."""
         first = await self._queue.get()
         batch = [first]
         deadline = first.enqueued + self.wait_for_company(in_batch=1)
         self.stats.waited += deadline > first.enqueued
         try:
-            await self._fill(batch, deadline)
+            await self._fill(batch, deadline, first.enqueued + self.arrival_wait)
         except asyncio.CancelledError:  # stop() while filling: these jobs are out of the queue already
             _fail(batch, BatcherStoppedError("the server is shutting down; retry"))
             raise
         self._last_batch = len(batch)
         return batch
 
-    async def _fill(self, batch: list[_Job], deadline: float) -> None:
+    async def _fill(self, batch: list[_Job], deadline: float, arrival_deadline: float) -> None:
         while len(batch) < self.max_batch:
             try:  # whatever piled up while the previous batch ran joins at once
                 batch.append(self._queue.get_nowait())
                 continue
             except asyncio.QueueEmpty:
                 pass
-            remaining = deadline - time.perf_counter()
+            now = time.perf_counter()
+            remaining = deadline - now
+            if remaining <= 0 and self._arriving > 0:  # requests still being received: wait for the next one
+                remaining = min(arrival_deadline - now, max(self.max_wait, 0.001))
             if remaining <= 0:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), timeout=remaining))
             except asyncio.TimeoutError:
-                break
+                continue  # past the deadline now: stops unless requests are still arriving
 
     def _run_group(self, group: list[_Job]) -> list[str]:
         """Worker thread: one batched forward pass for jobs sharing task and decoding options."""

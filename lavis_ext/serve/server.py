@@ -54,6 +54,7 @@ DEFAULT_HOST = "127.0.0.1"
 # a millisecond, less than the hop to the thread pool and back adds to a lone request's latency (a 64 px PNG: ~60 µs
 # to decode). Larger ones go to the thread pool so that a multi-megapixel decode never stalls other requests.
 INLINE_DECODE_BYTES = 32 * 1024
+MODEL_PATHS = frozenset({"/v1/caption", "/v1/vqa", "/v1/batch/caption", "/v1/batch/vqa"})  # requests the batcher runs
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class ServerSettings:
     limits: UploadLimits = field(default_factory=UploadLimits)
     max_batch: int = 16
     max_wait_ms: float = 5.0
+    arrival_wait_ms: float = 50.0
     max_queue: int = 256
     workers: int = 1
     max_questions: int = 16
@@ -105,6 +107,20 @@ class DeclaredBodySizeLimit:
         return await self.app(scope, receive, send)
 
 
+class AnnounceArrivals:
+    """Pure ASGI middleware: a request to a model endpoint counts as arriving at the batcher while its body is read
+    and checked, until its jobs are queued (:meth:`MicroBatcher.arriving`), so a batch waits for it."""
+
+    def __init__(self, app, batcher: MicroBatcher, paths: frozenset):
+        self.app, self.batcher, self.paths = app, batcher, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            return await self.app(scope, receive, send)
+        with self.batcher.arriving():
+            return await self.app(scope, receive, send)
+
+
 def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving ``predictor`` (a ``lavis_ext.inference.Blip2Predictor``).
 
@@ -113,7 +129,8 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     from lavis_ext.inference import Decoding
 
     settings = settings or ServerSettings()
-    batcher = MicroBatcher(predictor, settings.max_batch, settings.max_wait_ms, settings.max_queue, settings.workers)
+    batcher = MicroBatcher(predictor, settings.max_batch, settings.max_wait_ms, settings.max_queue, settings.workers,
+                           settings.arrival_wait_ms)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -138,6 +155,7 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     # large *declared* Content-Length in plain text, so that case is rejected first, in JSON, outside it.
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     app.add_middleware(DeclaredBodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AnnounceArrivals, batcher=batcher, paths=MODEL_PATHS)  # outermost: from the headers on
 
     # ---- errors: one JSON shape ------------------------------------------------------------------
     @app.exception_handler(UploadError)
@@ -279,7 +297,8 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     async def stats():
         """Micro-batching counters: jobs, batches, batch-size histogram, current queue depth."""
         return {**batcher.stats.to_dict(), "queue_depth": batcher.queue_depth,
-                "max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000, "workers": batcher.workers}
+                "max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000,
+                "arrival_wait_ms": batcher.arrival_wait * 1000, "workers": batcher.workers}
 
     @app.get("/v1/model", tags=["model"], dependencies=secured)
     async def model_info():
@@ -367,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"most requests per forward pass (default {ServerSettings.max_batch})")
     parser.add_argument("--max-wait-ms", type=float, default=ServerSettings.max_wait_ms,
                         help=f"longest wait for a batch to fill (default {ServerSettings.max_wait_ms:g})")
+    parser.add_argument("--arrival-wait-ms", type=float, default=ServerSettings.arrival_wait_ms,
+                        help="longest a batch that is not full waits while requests are still being received "
+                             f"(default {ServerSettings.arrival_wait_ms:g})")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default 256)")
     parser.add_argument("--workers", type=int, default=1,
                         help="batches computed at once (default 1; on a CPU with a small model, up to the core count)")
@@ -386,8 +408,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         if not api_key:
             raise SystemExit(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty; "
                              f"export {args.api_key_env}=<key> first")
-    if args.workers < 1 or args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0:
-        raise SystemExit("--workers, --max-batch and --max-queue must be >= 1 and --max-wait-ms >= 0")
+    if args.workers < 1 or args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or args.arrival_wait_ms < 0:
+        raise SystemExit("--workers, --max-batch and --max-queue must be >= 1, --max-wait-ms and --arrival-wait-ms >= 0")
     if not 0 <= args.port <= 65535:
         raise SystemExit(f"--port {args.port} is not a valid port (0-65535)")
     try:
@@ -397,7 +419,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if not _is_loopback(args.host) and api_key is None:
         logger.warning("binding %s without an API key: anyone who can reach this address can use the model", args.host)
     return ServerSettings(host=args.host, port=args.port, api_key=api_key, limits=limits, max_batch=args.max_batch,
-                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, workers=args.workers)
+                          max_wait_ms=args.max_wait_ms, arrival_wait_ms=args.arrival_wait_ms, max_queue=args.max_queue,
+                          workers=args.workers)
 
 
 def build_server(argv: list[str] | None = None):

@@ -80,3 +80,39 @@ def test_wait_policy_waits_only_with_company_now_or_in_the_previous_batch():
     assert batcher.wait_for_company(in_batch=1) == 0.005  # 8 clients answered together come back together
     batcher._last_batch = 1
     assert batcher.wait_for_company(in_batch=1) == 0.0
+
+
+def test_a_batch_waits_for_requests_still_arriving_and_not_for_ones_that_failed():
+    """Requests whose bodies are still being read (inside ``arriving``) join the batch even when they reach the queue
+    after ``max_wait_ms``; one that fails before queueing its job stops counting at once."""
+    predictor = EchoPredictor()
+
+    async def request(batcher, i, reading_s, fail=False):
+        with batcher.arriving():  # what the server's middleware does from a request's headers on
+            await asyncio.sleep(reading_s)  # the body being read and checked
+            if fail:
+                raise ValueError("bad upload")
+            return await batcher.submit("caption", i, None, None)
+
+    async def wave(arrival_wait_ms, fail_last=False):
+        predictor.calls.clear()
+        batcher = MicroBatcher(predictor, max_batch=16, max_wait_ms=5, arrival_wait_ms=arrival_wait_ms)
+        await batcher.start()
+        try:
+            # queued 40 ms apart, far beyond max_wait; a failing request that "reads" for a minute would hold the
+            # batch for the whole arrival wait (a minute) were it still counted after failing
+            tasks = [request(batcher, i, 0.04 * i) for i in range(4)]
+            if fail_last:
+                tasks.append(request(batcher, 99, 0.01, fail=True))
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+            return results, list(predictor.calls), batcher._arriving
+        finally:
+            await batcher.stop()
+
+    results, calls, arriving = asyncio.run(wave(arrival_wait_ms=60_000))
+    assert results == [f"caption {i}" for i in range(4)] and calls == [4] and arriving == 0
+    results, calls, arriving = asyncio.run(wave(arrival_wait_ms=60_000, fail_last=True))
+    assert results[:4] == [f"caption {i}" for i in range(4)] and isinstance(results[4], ValueError)
+    assert calls == [4] and arriving == 0
+    _, calls, _ = asyncio.run(wave(arrival_wait_ms=0))  # no arrival wait: max_wait_ms alone cuts the wave
+    assert sum(calls) == 4 and len(calls) > 1

@@ -261,6 +261,8 @@ def test_bad_uploads_are_rejected_while_a_concurrent_good_request_succeeds(live)
     assert "num_beams=50" in by_name["bad decoding"].json()["error"]["message"]
     assert "4 files" in by_name["too many files"].json()["error"]["message"]
     assert after.status_code == 200 and again.status_code == 200  # still serving
+    # every request, rejected or served, stopped counting as arriving (else later batches would wait for ghosts)
+    assert live.server.config.app.state.batcher._arriving == 0
 
 
 def test_batcher_error_reaches_only_its_own_batch(live):
