@@ -22,8 +22,7 @@ requests (64 x 64 PNGs), after a warm-up, so load changes on a shared machine hi
 Rows: throughput ratio (ours / peer) at 1, 8 and 32 clients (targets, issue 18, against the async peer: 1.0 at 1
 and 8.0 at 32), and p50 / p99 latency at 32 clients (ratio peer / ours; p99 target 1.0: no worse), against each
 peer at 32 clients. The rows against the async peer say where a request's CPU goes: each server process's CPU time
-(/proc) and the load generator's per request, and the model's own CPU per image at batch 1 and at the max batch,
-measured in this process after the servers stop.
+(/proc) and the load generator's per request, and the part of ours' spent in model calls (its ``/stats``).
 Usage: python bench/serving.py [--quick] [--runs N] [--json OUT] [--threads 1] [--max-batch 16]
 """
 
@@ -63,49 +62,39 @@ PEER_NAMES = {"peer": "async handler", "peer_threaded": "thread handler", "peer_
 EVERY_ROW = ("peer", "peer_litserve")  # the peers run at every client count; the others at 32 only
 
 
-def cpu_breakdown(results: dict, model_ms: dict, max_batch: int) -> dict[int, str]:
+def cpu_breakdown(results: dict, max_batch: int) -> dict[int, str]:
     """Notes for the rows against the async peer: where the CPU of a request goes, from this run's figures (the
-    servers' CPU time from /proc, the load generator's, the model's own per image measured in this process)."""
+    servers' CPU time from /proc, the load generator's, and the part of ours' spent in the model calls, from its
+    /stats)."""
     def med(name, clients, key):
         return stat(key, [m[key] for m in results[name][clients]])["median"]
+
+    def spread(name, clients, key):
+        found = stat(key, [m[key] for m in results[name][clients]])
+        return f"{found['min']:.1f}-{found['max']:.1f} ms"
 
     cores = os.cpu_count() or 1
     peer32 = med("peer", 32, "throughput")
     budget = cores * 1000 / (8 * peer32)  # CPU ms a request may take, server and client together, for 8x
     return {
-        1: f"; CPU per request: ours' server {med('ours', 1, 'server_cpu_ms'):.1f} ms, the peer's "
-           f"{med('peer', 1, 'server_cpu_ms'):.1f} ms (the model alone at batch 1: {model_ms[1]:.1f} ms): the same "
-           f"model call, so the difference is each server's own per-request work",
+        1: f"; CPU per request (medians): ours' server {med('ours', 1, 'server_cpu_ms'):.1f} ms, of which the "
+           f"model call {med('ours', 1, 'model_cpu_ms'):.1f} ms (min-max over the runs {spread('ours', 1, 'model_cpu_ms')}: "
+           f"the same call's CPU time moves this much between runs on this machine); the peer's server "
+           f"{med('peer', 1, 'server_cpu_ms'):.1f} ms (the same model call plus its handler)",
         32: f"; 8x the peer's {peer32:.1f} req/s needs {8 * peer32:.0f} req/s, at most {budget:.1f} ms of CPU per "
             f"request on the {cores} cores for server and load generator together; measured per request: ours' "
-            f"server {med('ours', 32, 'server_cpu_ms'):.1f} ms (the model alone at batch {max_batch}: "
-            f"{model_ms[max_batch]:.1f} ms; the rest is HTTP, upload checks and the batcher), the load generator "
+            f"server {med('ours', 32, 'server_cpu_ms'):.1f} ms, of which the model calls (batches of up to "
+            f"{max_batch}) {med('ours', 32, 'model_cpu_ms'):.1f} ms (the rest is HTTP, upload checks and the "
+            f"batcher), the load generator "
             f"(httpx, in the bench process) {med('ours', 32, 'client_cpu_ms'):.1f} ms",
     }
 
 
-def model_cpu_ms(threads: int, batches: tuple[int, ...], images: list[bytes], runs: int = 3) -> dict[int, float]:
-    """CPU ms per image of ``predictor.caption`` at each batch size, the servers' model and thread count, in this
-    process (median of ``runs`` calls after one warm-up)."""
-    import torch
-    from PIL import Image
+def model_cpu_s(url: str) -> float:
+    """CPU seconds ours' server has spent in model calls so far (its /stats)."""
+    import httpx
 
-    from lavis_ext.inference import load
-
-    torch.set_num_threads(threads)
-    predictor = load(cfg_path=PROJECT, options=WIDEN, device="cpu")
-    pils = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
-    out = {}
-    for size in batches:
-        batch = [pils[i % len(pils)] for i in range(size)]
-        predictor.caption(batch)
-        times = []
-        for _ in range(runs):
-            start = time.process_time()
-            predictor.caption(batch)
-            times.append((time.process_time() - start) * 1000 / size)
-        out[size] = stat("model", times)["median"]
-    return out
+    return float(httpx.get(url + "/stats", timeout=30).json()["model_cpu_s"])
 
 
 def has_litserve() -> bool:
@@ -270,7 +259,7 @@ def stop_groups(processes, grace_s: float = 30.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), runs=3, quick_runs=2)
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), runs=5, quick_runs=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server (default 1)")
     parser.add_argument("--max-batch", type=int, default=16, help="our server's --max-batch (default 16, its default)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="our server's --max-wait-ms (default 5, its default)")
@@ -293,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print("litserve is not installed (pip install -e .[bench]): the batched peer's rows are left out", flush=True)
 
     runs = resolve_runs(args)
-    requests = {1: 12, 8: 48, 32: 96} if args.quick else {1: 24, 8: 96, 32: 192}
+    requests = {1: 36, 8: 72, 32: 128} if args.quick else {1: 72, 8: 144, 32: 256}
     images = test_images()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "LAVIS_EXT_DATA": tokenizer_root(Path(tmp)), "OMP_NUM_THREADS": str(args.threads),
@@ -333,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         pause_group(processes[name], False)
                         try:
+                            before = model_cpu_s(urls[name]) if name == "ours" else 0.0
                             measured = asyncio.run(drive(urls[name], clients, requests[clients], images,
                                                          processes[name].pid))
+                            if name == "ours":
+                                measured["model_cpu_ms"] = (model_cpu_s(urls[name]) - before) * 1000 / requests[clients]
                         finally:
                             pause_group(processes[name], True)
                         results[name][clients].append(measured)
@@ -344,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             for process in processes.values():
                 pause_group(process, False)  # a stopped process would not act on SIGTERM
             stop_groups(processes.values())
-        os.environ["LAVIS_EXT_DATA"] = env["LAVIS_EXT_DATA"]  # the tokenizers, for the model loaded here
-        model_ms = model_cpu_ms(args.threads, (1, args.max_batch), images)
-    why = cpu_breakdown(results, model_ms, args.max_batch)
+    why = cpu_breakdown(results, args.max_batch)
 
     rows = []
     ours_label = (f"lavis-ext serve (max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "

@@ -100,8 +100,10 @@ class BatchStats:
     failed_batches: int = 0
     waited: int = 0  # batches that waited for company (the rest started at once)
     batch_sizes: Counter = field(default_factory=Counter)
+    model_cpu_s: float = 0.0  # CPU time of the worker threads inside the model calls (successful batches)
 
-    def record(self, size: int, ok: bool) -> None:
+    def record(self, size: int, ok: bool, cpu_s: float = 0.0) -> None:
+        self.model_cpu_s += cpu_s
         self.jobs += size
         self.batches += 1
         self.batch_sizes[size] += 1
@@ -117,6 +119,9 @@ class BatchStats:
             "mean_batch_size": round(self.jobs / self.batches, 3) if self.batches else 0.0,
             "max_batch_size": max(self.batch_sizes, default=0),
             "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            # what the model costs per request, apart from HTTP and upload checks (the worker thread's CPU time)
+            "model_cpu_ms_per_job": round(self.model_cpu_s * 1000 / self.jobs, 3) if self.jobs else 0.0,
+            "model_cpu_s": round(self.model_cpu_s, 6),
         }
 
 
@@ -297,7 +302,7 @@ class MicroBatcher:
                 if not group:
                     continue
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self._run_group, group)
+                    outputs, cpu_s = await loop.run_in_executor(self._executor, self._run_group, group)
                 except asyncio.CancelledError:  # stop(): the thread finishes; this batch's requests get a 503
                     _fail(batch, BatcherStoppedError("the server is shutting down; retry"))
                     raise
@@ -306,7 +311,7 @@ class MicroBatcher:
                     self.stats.record(len(group), ok=False)
                     _fail(group, exc)
                     continue
-                self.stats.record(len(group), ok=True)
+                self.stats.record(len(group), ok=True, cpu_s=cpu_s)
                 for job, output in zip(group, outputs):
                     if not job.future.done():
                         job.future.set_result(output)
@@ -346,8 +351,10 @@ class MicroBatcher:
             except asyncio.TimeoutError:
                 continue  # past the deadline now: stops unless requests are still arriving
 
-    def _run_group(self, group: list[_Job]) -> list[str]:
-        """Worker thread: one batched forward pass for jobs sharing task and decoding options."""
+    def _run_group(self, group: list[_Job]) -> tuple[list[str], float]:
+        """Worker thread: one batched forward pass for jobs sharing task and decoding options; its outputs and
+        the thread's CPU seconds in it (torch's intra-op threads beyond this one are not counted)."""
+        start = time.thread_time()
         images = [job.image for job in group]
         decoding = group[0].decoding
         if group[0].task == "caption":
@@ -359,7 +366,7 @@ class MicroBatcher:
             outputs = self.predictor.answer(images, [job.text for job in group], decoding=decoding)
         if len(outputs) != len(group):
             raise RuntimeError(f"the model returned {len(outputs)} outputs for {len(group)} inputs")
-        return list(outputs)
+        return list(outputs), time.thread_time() - start
 
 
 def _fail(jobs: list[_Job], exc: Exception) -> None:

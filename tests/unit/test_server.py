@@ -195,6 +195,7 @@ def test_concurrent_requests_share_forward_passes(live):
     batches = after["batches"] - before["batches"]
     assert batches < len(images), after  # some requests shared a generate call
     assert after["max_batch_size"] > 1
+    assert after["model_cpu_s"] > before["model_cpu_s"] and after["model_cpu_ms_per_job"] > 0  # the model's share
     # the same images one by one through the predictor: batching with left padding keeps the answers
     expected = [live.predictor.caption([im])[0] for im in images]
     assert [r.json()["caption"] for r in replies] == expected
