@@ -43,7 +43,7 @@ Counts are per tar sample (an image with five captions counts once), reset at th
 ``on_bad_record: error`` (:mod:`lavis_ext.datasets.bad_records`) raises on the first of them instead.
 
 Tar damage is counted as ``tar_error`` once per shard, with the samples it cost (``lost_samples``). Shards
-are read by :mod:`lavis_ext.datasets.tar_reader` (headers parsed by hand, ~3 µs a sample where Python's
+are read by :mod:`lavis_ext.datasets.tar_reader` (headers parsed by hand, ~6-13 µs a sample where Python's
 tarfile took ~55), which tells every way a shard can end apart: only an end-of-archive marker followed by
 zeros is a clean end; a missing shard (an http 404), a file that is not a tar, a cut (inside a member or at
 a member boundary), a damaged header after the first, or data after the end-of-archive marker is damage.
