@@ -35,7 +35,8 @@ RUN_KEYS = {
     "device", "world_size", "dist_url", "distributed", "use_dist_eval_sampler", "log_freq",
     "train_dataset_ratios", "save_freq",
     # ours
-    "amp_dtype", "vit_layer_decay", "optimizer_impl", "compile", "max_grad_norm", "max_nonfinite_in_row", "val_freq", "dist_timeout_s",
+    "amp_dtype", "vit_layer_decay", "optimizer_impl", "compile", "max_grad_norm", "max_nonfinite_in_row", "nonfinite_check",
+    "val_freq", "dist_timeout_s",
     # resume and checkpoints (lavis_ext.runners.runner_base, docs/distributed.md)
     "resume", "job_id", "save_every_steps", "keep_step_checkpoints", "min_free_disk_mb",
     # sharding (lavis_ext.runners.fsdp)

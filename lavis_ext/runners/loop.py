@@ -13,11 +13,21 @@ One step::
     with precision.run_autocast(run_cfg, device, model): loss = task.train_step(model, samples)
     backward(loss / accum_grad_iters)   (through the GradScaler for fp16 on a GPU)
     end of an accumulation window: one host sync decides (every rank alike): clip and step, or skip and count
+        (``run.nonfinite_check: deferred``, the default on a GPU: no sync; the fused optimizer skips on the device)
     hooks (empty in production; tests and LAVIS_EXT_FAULT_INJECT install them), then on_step (the runner's
     step checkpoints)
 
 The loss stays on the device: the host reads it once per optimizer step (where the update must be decided) and
 once per log line, not once per micro-step.
+
+Non-finite check (``run.nonfinite_check``): ``step`` decides each skip on the host, one sync per optimizer step,
+and names each skipped step's loss or gradient norm in the log. ``deferred`` makes no sync at all: the skip flag
+goes to torch's fused Adam/AdamW kernel as its ``found_inf`` (the path GradScaler uses, which leaves weights,
+moments and step count untouched on a skip), and the counts are read at each log line, step checkpoint and epoch
+end, where the run stops if ``max_nonfinite_in_row`` was reached (so a run may go on up to ``log_freq`` steps
+past it, none of them updating). Why: on a GPU the sync drains the launch queue once per step. Unset means
+``deferred`` on a GPU when the optimizer is fused and no fp16 GradScaler runs, else ``step`` (on a CPU the sync
+costs nothing). Both give the same weights (tests/unit/test_hot_paths.py).
 """
 from __future__ import annotations
 
@@ -36,6 +46,19 @@ from lavis_ext.precision import run_autocast
 from lavis_ext.tasks.base import model_device, move_to_device
 
 logger = logging.getLogger(__name__)
+
+NONFINITE_CHECKS = ("step", "deferred")
+
+
+def deferred_unsupported(optimizer, scaler) -> str | None:
+    """Why ``run.nonfinite_check: deferred`` cannot run with this optimizer and scaler (None when it can)."""
+    if scaler is not None:
+        return "an fp16 GradScaler decides its own skips (use run.amp_dtype: bf16, or run.nonfinite_check: step)"
+    if not getattr(optimizer, "_step_supports_amp_scaling", False) or not all(
+            g.get("fused") for g in optimizer.param_groups):
+        return (f"{type(optimizer).__name__} is not torch's fused Adam/AdamW, the only step that takes a skip flag on "
+                "the device (leave run.optimizer_impl unset or set it to fused, or use run.nonfinite_check: step)")
+    return None
 
 
 def apply_lr_scales(optimizer) -> None:
@@ -113,11 +136,19 @@ class TrainLoop:
         self.state = LoopState()
         self._resume: LoopState | None = None  # a mid-epoch position, consumed by the next epoch's run
         self._loss_sum: torch.Tensor | None = None  # the running epoch's loss sum, on the device
+        check = self.run_cfg.get("nonfinite_check", None)
+        if check is not None and check not in NONFINITE_CHECKS:
+            raise ValueError(f"run.nonfinite_check {check!r}: use one of {', '.join(NONFINITE_CHECKS)} (or leave it "
+                             "unset: deferred on a GPU with a fused optimizer, else step)")
+        self.nonfinite_check = check
+        # run.nonfinite_check: deferred: skips since the last read, the current and the longest run of them
+        self._deferred: dict[str, torch.Tensor] | None = None
 
     # ---- state -------------------------------------------------------------------------------
     def snapshot(self) -> LoopState:
         """A copy of the state with the running epoch's loss sum read from the device (one host read: call it
         when a checkpoint is written, not every step)."""
+        self._read_deferred()
         state = dataclasses.replace(self.state)
         if self._loss_sum is not None:
             state.loss_sum = float(self._loss_sum.item())
@@ -134,17 +165,54 @@ class TrainLoop:
         state = self.state
         state.nonfinite_steps += 1
         state.nonfinite_in_row += 1
-        limit = int(self.run_cfg.get("max_nonfinite_in_row", 20))
         logger.warning("step %d: non-finite %s, update skipped (%d in a row, %d in this run)",
                        step, what, state.nonfinite_in_row, state.nonfinite_steps)
         if self.tracker is not None:
             self.tracker.scalar("train/nonfinite_steps", state.nonfinite_steps, step)
-        if state.nonfinite_in_row >= limit:
+        self._stop_if_too_many(state.nonfinite_in_row, step)
+
+    def _stop_if_too_many(self, in_row: int, step: int) -> None:
+        limit = int(self.run_cfg.get("max_nonfinite_in_row", 20))
+        if in_row >= limit:
             raise FloatingPointError(
-                f"{state.nonfinite_in_row} non-finite losses/gradients in a row (step {step}, run.max_nonfinite_in_row="
+                f"{in_row} non-finite losses/gradients in a row (step {step}, run.max_nonfinite_in_row="
                 f"{limit}); lower run.init_lr, set run.max_grad_norm, use run.amp_dtype: bf16 instead of fp16, "
                 "or check the data"
             )
+
+    def _start_deferred(self, optimizer, scaler, device) -> None:
+        """Resolve ``run.nonfinite_check`` for this epoch; for ``deferred``, the counters on the device."""
+        why = deferred_unsupported(optimizer, scaler)
+        if self.nonfinite_check == "deferred" and why:
+            raise ValueError(f"run.nonfinite_check deferred: {why}")
+        deferred = self.nonfinite_check == "deferred" or (self.nonfinite_check is None and device.type == "cuda"
+                                                          and why is None)
+        if not deferred:
+            self._deferred = None
+            return
+        in_row = torch.full((), self.state.nonfinite_in_row, dtype=torch.long, device=device)
+        self._deferred = {"skipped": torch.zeros((), dtype=torch.long, device=device), "in_row": in_row,
+                          "longest": in_row.clone()}
+
+    def _read_deferred(self) -> None:
+        """``deferred``: bring the device's skip counts into the state (one read), log them, stop the run if
+        ``max_nonfinite_in_row`` was reached since the last read."""
+        if self._deferred is None:
+            return
+        counts = self._deferred
+        skipped, in_row, longest = torch.stack([counts["skipped"], counts["in_row"], counts["longest"]]).tolist()
+        counts["skipped"].zero_()
+        counts["longest"].copy_(counts["in_row"])
+        state = self.state
+        state.nonfinite_in_row = in_row
+        if not skipped:
+            return
+        state.nonfinite_steps += skipped
+        logger.warning("steps up to %d: %d optimizer step(s) skipped for a non-finite loss or gradient norm (%d in a "
+                       "row at most, %d in this run)", state.global_step, skipped, longest, state.nonfinite_steps)
+        if self.tracker is not None:
+            self.tracker.scalar("train/nonfinite_steps", state.nonfinite_steps, state.global_step)
+        self._stop_if_too_many(longest, state.global_step)
 
     def _finish_window(self, model, optimizer, scaler, max_norm, window_bad, loss, step) -> None:
         """End of an accumulation window: clip, then step unless a loss (on any rank) or the gradient norm is
@@ -163,6 +231,18 @@ class TrainLoop:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(max_norm))
             if scaler is None:
                 bad = bad | ~torch.isfinite(norm)
+        if self._deferred is not None:  # the fused kernel skips on the device: no host sync (module docstring)
+            optimizer.found_inf = bad.to(torch.float32)
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+            counts = self._deferred
+            counts["skipped"] += bad
+            counts["in_row"].add_(1).mul_(bad)
+            torch.maximum(counts["longest"], counts["in_row"], out=counts["longest"])
+            optimizer.zero_grad(set_to_none=True)
+            return
         if bool(bad.item()):  # the one host sync per optimizer step
             if not bool(window_bad.item()):
                 what = "loss on another rank" if norm is None or bool(torch.isfinite(norm).item()) else f"gradient norm {norm.item()}"
@@ -227,6 +307,7 @@ class TrainLoop:
             logger.info("epoch %d: continuing at step %d of %d", epoch, first, iters_per_epoch)
         state.epoch, state.step, state.iters_per_epoch = epoch, first, iters_per_epoch
         self._loss_sum = loss_sum
+        self._start_deferred(optimizer, scaler, device)
         # Non-finite losses of the accumulation window, kept on the device: the host learns about them once per
         # optimizer step (one sync, where the update must be decided), not once per micro-step.
         window_bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -261,6 +342,7 @@ class TrainLoop:
                     self.on_step(self)
             if (i + 1) % log_freq == 0 or i + 1 == iters_per_epoch:
                 # One host sync per log interval, not per step.
+                self._read_deferred()
                 shown_loss = loss.item()
                 lr = peak_lr(optimizer)
                 progress.set_postfix(loss=f"{shown_loss:.4f}", lr=f"{lr:.2e}")
@@ -268,6 +350,7 @@ class TrainLoop:
                     self.tracker.scalar("train/loss", shown_loss, state.global_step)
                     self.tracker.scalar("train/lr", lr, state.global_step)
         progress.close()
+        self._read_deferred()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= dist.get_world_size()

@@ -32,9 +32,9 @@ def run_loop(flags, accum=1, max_grad_norm=1.0):
 
 @pytest.fixture
 def host_reads(monkeypatch):
-    """Counts every device-to-host read of a tensor value (``.item()``, ``bool()``, ``float()``)."""
+    """Counts every device-to-host read of a tensor value (``.item()``, ``bool()``, ``float()``, ``.tolist()``)."""
     count = {"n": 0}
-    for name in ("item", "__bool__", "__float__"):
+    for name in ("item", "__bool__", "__float__", "tolist"):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, **kwargs):
@@ -81,6 +81,59 @@ def test_nonfinite_gradient_norm_is_named_and_skipped(caplog):
         loop.run_epoch(task, 0, 1, model, iter([{"x": torch.ones(1), "bad": True}]), optimizer, scheduler)
     assert loop.state.nonfinite_steps == 1 and model.weight.item() == 1.0
     assert "non-finite gradient norm" in caplog.text
+
+
+# ---- run.nonfinite_check: deferred (the GPU default), forced here on a CPU -------------------------------------
+
+def run_adamw(flags, check, max_in_row=5, max_grad_norm=1.0, log_freq=100):
+    model = SometimesNaN()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
+    task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
+    loop = TrainLoop(OmegaConf.create({"max_nonfinite_in_row": max_in_row, "max_grad_norm": max_grad_norm,
+                                       "nonfinite_check": check}))
+    loader = iter([{"x": torch.full((1,), 1.0 + 0.1 * i), "bad": bad} for i, bad in enumerate(flags)])
+    stats = loop.run_epoch(task, 0, len(flags), model, loader, optimizer, scheduler, log_freq=log_freq)
+    return model, optimizer, loop, stats
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_deferred_check_gives_the_weights_and_counts_of_the_per_step_check(max_grad_norm):
+    flags = [False, True, False, True, True, False, False, True]
+    runs = {check: run_adamw(flags, check, max_grad_norm=max_grad_norm) for check in ("step", "deferred")}
+    (m1, o1, l1, s1), (m2, o2, l2, s2) = runs["step"], runs["deferred"]
+    assert torch.equal(m1.weight, m2.weight) and m1.weight.item() != 1.0  # good steps updated, bad ones skipped alike
+    st1, st2 = o1.state[m1.weight], o2.state[m2.weight]
+    assert st1["step"].item() == st2["step"].item() == 4  # a skipped step does not count as an Adam step
+    assert torch.equal(st1["exp_avg"], st2["exp_avg"]) and torch.equal(st1["exp_avg_sq"], st2["exp_avg_sq"])
+    assert l1.state == l2.state and l2.state.nonfinite_steps == 4 and l2.state.nonfinite_in_row == 1
+    assert s1["nonfinite_steps"] == s2["nonfinite_steps"] == 4
+
+
+def test_deferred_check_reads_the_device_only_at_log_lines_and_the_epoch_end(host_reads):
+    run_adamw([False] * 12, "deferred", log_freq=4)
+    # per log line (3): the skip counts and the loss; at the epoch end: the counts and the mean loss
+    assert host_reads["n"] == 3 * 2 + 2
+
+
+def test_deferred_check_stops_the_run_at_the_next_read_after_too_many_in_a_row():
+    with pytest.raises(FloatingPointError, match=r"3 non-finite losses/gradients in a row \(step 8,"):
+        run_adamw([False, True, True, True, False, False, False, False], "deferred", max_in_row=3, log_freq=8)
+    model, _, loop, _ = run_adamw([False, True, True, False] * 2, "deferred", max_in_row=3, log_freq=4)
+    assert loop.state.nonfinite_steps == 4  # never 3 in a row: no stop
+
+
+def test_nonfinite_check_values_and_what_deferred_needs_fail_before_training():
+    with pytest.raises(ValueError, match=r"run.nonfinite_check 'later': use one of step, deferred"):
+        TrainLoop(OmegaConf.create({"nonfinite_check": "later"}))
+    model = SometimesNaN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
+    loop = TrainLoop(OmegaConf.create({"nonfinite_check": "deferred"}))
+    task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
+    with pytest.raises(ValueError, match=r"SGD is not torch's fused Adam/AdamW.*run.optimizer_impl"):
+        loop.run_epoch(task, 0, 1, model, iter([{"x": torch.ones(1), "bad": False}]), optimizer, scheduler)
+    assert model.weight.item() == 1.0  # refused before the first step
 
 
 def test_opt_is_built_with_sdpa_attention(tmp_path):
