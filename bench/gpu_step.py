@@ -33,7 +33,7 @@ beam 5, exactly 30 new tokens (min = max, so both do the same work), ours ``mode
 
 ``--size tiny --device cpu`` runs the same code on the tiny models in fp32 (a smoke test; no figures to publish).
 Usage: python bench/gpu_step.py [--size real|tiny] [--device cuda] [--cases opt_lora,opt_qformer,t5_qformer]
-       [--steps 5] [--runs 5] [--warmup 2] [--compile] [--json bench/results/gpu.json]
+       [--steps 5] [--runs 5] [--warmup 2] [--compile] [--nonfinite-check step|deferred] [--json bench/results/gpu.json]
 """
 from __future__ import annotations
 
@@ -215,9 +215,10 @@ def amp_enabled(device) -> bool:
     return device.type == "cuda"
 
 
-def ours_runner(model, sample, steps, device):
+def ours_runner(model, sample, steps, device, nonfinite_check=None):
     """(one call = ``steps`` steps of our task loop, its optimizer). The run's autocast is set explicitly
-    (bf16 on a GPU, off on a CPU), the same dtype as the peer's."""
+    (bf16 on a GPU, off on a CPU), the same dtype as the peer's; ``nonfinite_check``: ``run.nonfinite_check``
+    (None: the loop's default, ``deferred`` on a GPU)."""
     from lavis.common.optims import LinearWarmupCosineLRScheduler
     from omegaconf import OmegaConf
 
@@ -226,7 +227,7 @@ def ours_runner(model, sample, steps, device):
     from lavis_ext.tasks.captioning import CaptionTaskExt
 
     task = CaptionTaskExt(num_beams=1, max_len=20, min_len=1, evaluate=False)
-    loop = TrainLoop({"amp": amp_enabled(device), "amp_dtype": "bf16"})
+    loop = TrainLoop({"amp": amp_enabled(device), "amp_dtype": "bf16", "nonfinite_check": nonfinite_check})
     optimizer = build_optimizer(model, OmegaConf.create({"init_lr": 1e-5, "weight_decay": 0.05}))
     scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=100, min_lr=0, init_lr=1e-5)
     epoch = [0]
@@ -371,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--compile", action="store_true", help="compile both: ours as run.compile does (vision encoder, Q-Former, LLM in place), the peer "
                              "with torch.compile(model) (compile time: the first-call row)")
+    parser.add_argument("--nonfinite-check", choices=["step", "deferred"], default=None,
+                        help="ours' run.nonfinite_check (default: the loop's, deferred on a GPU); the A/B of that lever "
+                             "is a run with --nonfinite-check step against one without")
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument("--tokenizers", default=str(REPO / "data/synthetic/tokenizers"))
     parser.add_argument("--json", default=None)
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:  # ours as run.compile does it (the towers, in place); the peer as a HF user would
             compile_towers(ours, True)
         peer_model = torch.compile(peer) if args.compile else peer
-        run_ours, opt_ours = ours_runner(ours, sample, args.steps, device)
+        run_ours, opt_ours = ours_runner(ours, sample, args.steps, device, args.nonfinite_check)
         run_peer, opt_peer = peer_runner(peer_model, inputs, args.steps, device)
         first, times = timed_sides({"ours": run_ours, "peer": run_peer}, args.runs, args.warmup, device)
         # FLOPs of one step each (eager, a throw-away optimizer), then each side's peak memory over one timed call
