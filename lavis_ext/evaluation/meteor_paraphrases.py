@@ -118,7 +118,8 @@ class TableCutter:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write("".join(line + "\n" for line in score_lines).encode())
-            self.server.normalize("en", self.index.words_file, name, ids_file, timeout=300 + 0.1 * len(score_lines))
+            self.server.normalize("en", self.index.words_file, name, ids_file,
+                                  timeout=text_server.timeout_for(len(score_lines)))
             ids = ids_file.read_bytes()
         except (OSError, text_server.TextServerError) as exc:
             _warn_once(f"METEOR loads its full paraphrase table: its normaliser failed ({exc})")

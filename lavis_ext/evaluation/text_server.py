@@ -34,7 +34,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TextServer", "TextServerError", "compiled_classes", "meteor_jar", "ptb_jar", "publish", "server_for"]
+__all__ = ["TextServer", "TextServerError", "compiled_classes", "meteor_jar", "ptb_jar", "publish", "server_for",
+           "timeout_for"]
 
 _MAIN = "CaptionTextServer"
 _SOURCES = ("CaptionTextServer.java", "MeteorNormalize.java")
@@ -48,6 +49,13 @@ _FLAGS = ["-XX:+IgnoreUnrecognizedVMOptions", "-XX:+UseSerialGC", "-XX:TieredSto
           "-XX:MinHeapFreeRatio=10", "-XX:MaxHeapFreeRatio=30"]
 #: servers per process: METEOR scores a large set in two halves at once (caption_metrics._PARALLEL_METEOR_MIN)
 SLOTS = 2
+
+
+def timeout_for(lines: int) -> float:
+    """Seconds a Java tool may take on ``lines`` input lines before it is stopped: generous, since a stuck JVM is
+    the only thing it guards against (a METEOR JVM loading its full paraphrase table starts in ~6 s on 2 cores;
+    scoring, tokenising or normalising costs ~1 ms a line)."""
+    return 300.0 + 0.1 * lines
 
 
 class TextServerError(RuntimeError):
