@@ -46,6 +46,11 @@ from typing import Any, Iterator
 logger = logging.getLogger(__name__)
 
 TASKS = ("caption", "vqa")
+# The batching defaults, here only: ServerSettings and `lavis-ext serve`'s flags take them from these.
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_ARRIVAL_WAIT_MS = 50.0
+DEFAULT_MAX_QUEUE = 256
 
 
 class _Arrival:
@@ -139,8 +144,8 @@ class MicroBatcher:
         workers: forward passes that may run at once (worker threads); see the module docstring.
     """
 
-    def __init__(self, predictor, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 workers: int = 1, arrival_wait_ms: float = 50.0):
+    def __init__(self, predictor, max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+                 max_queue: int = DEFAULT_MAX_QUEUE, workers: int = 1, arrival_wait_ms: float = DEFAULT_ARRIVAL_WAIT_MS):
         if int(max_batch) < 1:
             raise ValueError(f"max_batch={max_batch!r} must be >= 1")
         if float(max_wait_ms) < 0:

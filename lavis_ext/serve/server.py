@@ -38,6 +38,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
+from lavis_ext.serve import batching
 from lavis_ext.serve.batching import BatcherStoppedError, MicroBatcher, QueueFullError
 from lavis_ext.serve.uploads import (
     UploadError,
@@ -65,10 +66,10 @@ class ServerSettings:
     port: int = 8000
     api_key: str | None = None
     limits: UploadLimits = field(default_factory=UploadLimits)
-    max_batch: int = 16
-    max_wait_ms: float = 5.0
-    arrival_wait_ms: float = 50.0
-    max_queue: int = 256
+    max_batch: int = batching.DEFAULT_MAX_BATCH
+    max_wait_ms: float = batching.DEFAULT_MAX_WAIT_MS
+    arrival_wait_ms: float = batching.DEFAULT_ARRIVAL_WAIT_MS
+    max_queue: int = batching.DEFAULT_MAX_QUEUE
     workers: int = 1
     max_questions: int = 16
 
@@ -389,9 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arrival-wait-ms", type=float, default=ServerSettings.arrival_wait_ms,
                         help="longest a batch that is not full waits while requests are still being received "
                              f"(default {ServerSettings.arrival_wait_ms:g})")
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default 256)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="batches computed at once (default 1; on a CPU with a small model, up to the core count)")
+    parser.add_argument("--max-queue", type=int, default=ServerSettings.max_queue,
+                        help=f"waiting requests before 503 (default {ServerSettings.max_queue})")
+    parser.add_argument("--workers", type=int, default=ServerSettings.workers,
+                        help=f"batches computed at once (default {ServerSettings.workers}; on a CPU with a small model, "
+                             "up to the core count)")
     parser.add_argument("--max-bytes", type=int, default=UploadLimits.max_bytes, help="bytes per uploaded file")
     parser.add_argument("--max-pixels", type=int, default=UploadLimits.max_pixels, help="pixels per image")
     parser.add_argument("--max-files", type=int, default=UploadLimits.max_files, help="files per request")
