@@ -124,11 +124,7 @@ def cpu_seconds() -> float:
 
     gc.collect()  # the peer's Meteor JVM is stopped and reaped in Meteor.__del__
     t = os.times()
-    server = 0.0
-    for found in list(text_server._servers.values()):
-        proc = getattr(found, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            server += process_cpu_seconds(proc.pid)
+    server = sum(process_cpu_seconds(pid) for pid in text_server.live_pids())
     return t.user + t.system + t.children_user + t.children_system + server
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 __all__ = ["TextServer", "TextServerError", "compiled_classes", "meteor_jar", "ptb_jar", "publish", "server_for",
-           "timeout_for"]
+           "live_pids", "timeout_for"]
 
 _MAIN = "CaptionTextServer"
 _SOURCES = ("CaptionTextServer.java", "MeteorNormalize.java")
@@ -238,6 +238,14 @@ def server_for(java: str, slot: int = 0) -> TextServer:
     if isinstance(found, TextServerError):
         raise found
     return found
+
+
+def live_pids() -> set[int]:
+    """Process ids of this process's running servers: JVMs kept up between calls on purpose (a benchmark counts
+    their CPU time, a test tells them from leaked ones)."""
+    with _servers_lock:
+        found = list(_servers.values())
+    return {s._proc.pid for s in found if isinstance(s, TextServer) and s._proc is not None and s._proc.poll() is None}
 
 
 @atexit.register

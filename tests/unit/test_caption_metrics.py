@@ -82,8 +82,7 @@ def _server_pids() -> set[int]:
     """The JVMs this process keeps up between calls on purpose (lavis_ext.evaluation.text_server)."""
     from lavis_ext.evaluation import text_server
 
-    return {s._proc.pid for s in text_server._servers.values()
-            if isinstance(s, text_server.TextServer) and s._proc is not None and s._proc.poll() is None}
+    return text_server.live_pids()
 
 
 @pytest.fixture(autouse=True)
