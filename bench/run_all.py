@@ -40,6 +40,7 @@ BUDGETS = {
     "tar_reading": 1.0,
     "training_step": 9.0,
     "generation": 3.0,
+    "decode_compile": 1.5,
     "caption_scoring": 5.0,
     "strategies": 2.5,
     "ddp_scaling": 2.5,
