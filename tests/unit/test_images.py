@@ -170,3 +170,53 @@ def test_cmyk_truncated_and_corrupt_jpegs():
             decode_image(data[:cut])
     with pytest.raises((OSError, SyntaxError)):
         decode_image(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+
+
+def _real_jpegs() -> list:
+    """JPEGs written by cameras and image tools, not by us: the sample photos installed with matplotlib (a core
+    dependency) and gradio (the serve extra), where present."""
+    import importlib.util
+    from pathlib import Path
+
+    import matplotlib
+
+    found = sorted(Path(matplotlib.get_data_path(), "sample_data").glob("*.jp*g"))
+    spec = importlib.util.find_spec("gradio")
+    if spec is not None and spec.origin:
+        found += sorted(Path(spec.origin).parent.glob("**/*.jp*g"))
+    return found
+
+
+def test_real_photos_decode_to_pils_exact_pixels_through_simplejpeg(monkeypatch):
+    """Camera JPEGs (baseline and progressive, 4:2:0 and 4:4:4, up to 787 px) go through simplejpeg and give PIL's
+    pixels; with simplejpeg missing, PIL decodes them to the same pixels."""
+    import lavis_ext.images as images
+
+    photos = _real_jpegs()
+    if not photos:
+        pytest.skip("no sample JPEGs installed (matplotlib's sample_data, gradio's media assets)")
+    assert images.simplejpeg is not None, "simplejpeg is a core dependency (pyproject.toml)"
+    calls = []
+    real_decode = images.simplejpeg.decode_jpeg
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    for path in photos:
+        with Image.open(path) as raw:
+            pil = np.asarray(raw.convert("RGB"))
+        assert np.array_equal(np.asarray(decode_image(path)), pil), path
+    assert len(calls) == len(photos)  # every one took the fast path
+    monkeypatch.setattr(images, "simplejpeg", None)
+    for path in photos:
+        with Image.open(path) as raw:
+            assert np.array_equal(np.asarray(decode_image(path.read_bytes())), np.asarray(raw.convert("RGB"))), path
+
+
+def test_jpegs_simplejpeg_declines_go_to_pil(monkeypatch):
+    """CMYK is PIL's to convert, truncated and corrupt data PIL's to reject: simplejpeg decodes none of them."""
+    import lavis_ext.images as images
+
+    assert images._decode_jpeg(_encoded(_photo(40, 30).convert("CMYK"), "JPEG")) is None
+    data = _encoded(_photo(64, 64), "JPEG")
+    assert images._decode_jpeg(data[: len(data) // 2]) is None
+    assert images._decode_jpeg(b"\xff\xd8\xff\xe0" + b"\x00" * 40) is None
+    assert images._decode_jpeg(_encoded(_photo(8, 8), "PNG")) is None
+    assert images._decode_jpeg(data) is not None
