@@ -19,7 +19,8 @@ with less work per image: measured on one thread, 40 against 57 µs at 64 px and
 and 10-55% less on the real photos the tests decode (gradio's and matplotlib's sample JPEGs, 256-2241 px,
 progressive, 4:2:0 / 4:2:2 / 4:4:4). Tests check every such flavour pixel for pixel against PIL. Anything
 simplejpeg declines or finds wrong (CMYK / YCCK / Adobe RGB JPEGs, truncated or corrupt data: its ``strict``
-mode raises) goes through PIL, so the errors below stay PIL's. Without simplejpeg installed, PIL decodes
+mode raises) goes through PIL, so the errors below stay PIL's, and so does an image over PIL's
+``Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb warning and error stay in force for uploads). Without simplejpeg installed, PIL decodes
 everything. An image that PIL decodes straight to RGB is returned as decoded, without ``convert("RGB")``'s copy
 (72 against 76 µs at 64 px). torchvision's ``decode_jpeg`` (the same libjpeg-turbo) was tried and dropped: its
 tensor must be copied into a PIL image for the processors, which made it 86 / 466 µs.
@@ -117,8 +118,9 @@ def _decode_jpeg(data) -> Image.Image | None:
     if simplejpeg is None or bytes(data[:3]) != b"\xff\xd8\xff":
         return None
     try:
-        if simplejpeg.decode_jpeg_header(data)[2] not in _FAST_JPEG_SPACES:
-            return None
+        height, width, space, _ = simplejpeg.decode_jpeg_header(data)
+        if space not in _FAST_JPEG_SPACES or (Image.MAX_IMAGE_PIXELS and height * width > Image.MAX_IMAGE_PIXELS):
+            return None  # PIL converts other spaces, and warns about or refuses decompression bombs
         return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
     except ValueError:  # truncated or corrupt (strict mode): PIL raises its own error for it
         return None

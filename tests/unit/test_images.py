@@ -220,3 +220,11 @@ def test_jpegs_simplejpeg_declines_go_to_pil(monkeypatch):
     assert images._decode_jpeg(b"\xff\xd8\xff\xe0" + b"\x00" * 40) is None
     assert images._decode_jpeg(_encoded(_photo(8, 8), "PNG")) is None
     assert images._decode_jpeg(data) is not None
+
+
+def test_decompression_bomb_limits_still_apply_to_jpegs(monkeypatch):
+    """A JPEG over PIL's MAX_IMAGE_PIXELS is PIL's to refuse (twice the limit: DecompressionBombError), as before."""
+    data = _encoded(_photo(200, 200), "JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    with pytest.raises(Image.DecompressionBombError):
+        decode_image(data)
