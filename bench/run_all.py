@@ -50,6 +50,7 @@ BUDGETS = {
     "question_packs": 1.0,
 }
 DEFAULT_BUDGET = 2.0
+SUITE_FILE = "suite.json"  # in the results folder: the last whole suite's date, load and wall time (--from-results)
 GPU_RESULTS = BENCH_DIR / "results" / "gpu.json"
 # What bench/gpu.sh measures; shown as pending until its results file exists.
 GPU_PENDING = [
@@ -399,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.from_results)
         results = [validate(json.loads((folder / f"{n}.json").read_text())) if (folder / f"{n}.json").is_file()
                    else failure(n, "no saved result") for n in discover()]
-        Path(args.out).write_text(render_markdown(results, info, load_gpu(), date, demo=demo_with_seeds(args)))
+        suite = json.loads((folder / SUITE_FILE).read_text()) if (folder / SUITE_FILE).is_file() else {}
+        Path(args.out).write_text(render_markdown(
+            results, info, load_gpu(), suite.get("date", date), load=suite.get("load"), quick=suite.get("quick", True),
+            seconds=suite.get("seconds"), demo=demo_with_seeds(args)))
         print(f"wrote {args.out} from {folder}")
         return 0
     names = discover(args.only.split(",") if args.only else None)
@@ -420,10 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {'failed: ' + res['error'] if res.get('error') else 'done'} in {res['seconds']:.0f} s", flush=True)
         results.append(res)
     seconds = time.perf_counter() - suite_start
+    load = (load_start, os.getloadavg()[0])
     print()
     print_table(results)
-    text = render_markdown(results, info, load_gpu(), date, load=(load_start, os.getloadavg()[0]), quick=not args.full,
-                           seconds=seconds, demo=demo_with_seeds(args))
+    if args.only is None:  # the whole suite's figures, for a later --from-results
+        (out_dir / SUITE_FILE).write_text(json.dumps({"date": date, "load": load, "quick": not args.full,
+                                                      "seconds": seconds}))
+    text = render_markdown(results, info, load_gpu(), date, load=load, quick=not args.full, seconds=seconds,
+                           demo=demo_with_seeds(args))
     Path(args.out).write_text(text)
     print(f"\nwrote {args.out} ({seconds / 60:.1f} min); per-bench JSON and logs in {out_dir}")
     return 0

@@ -346,3 +346,20 @@ def test_serving_bench_stops_a_server_together_with_what_it_forked(tmp_path):
         assert status == "Z", f"the grandchild ({grandchild}) ignoring SIGTERM is still running"
     except ProcessLookupError:
         pass
+
+
+def test_a_report_rewritten_from_saved_results_keeps_the_suites_date_load_and_wall_time(tmp_path):
+    """--from-results re-renders what the last whole suite saved, its header figures included."""
+    payload = common.write_json(None, "import_time", [common.row("import", "s", common.stat("o", [1.0]),
+                                                               common.stat("p", [1.0]), higher_is_better=False)],
+                                ["--quick"])
+    (tmp_path / "import_time.json").write_text(json.dumps(payload))
+    (tmp_path / run_all.SUITE_FILE).write_text(json.dumps({"date": "2026-01-02", "load": [1.25, 2.5], "quick": True,
+                                                           "seconds": 840.0}))
+    out = tmp_path / "B.md"
+    run_all.main(["--from-results", str(tmp_path), "--out", str(out), "--demo-dir", str(tmp_path / "no_demo"),
+                  "--demo-seeds-dir", str(tmp_path / "no_seeds")])
+    text = out.read_text()
+    assert "Date: 2026-01-02." in text
+    assert "Load average (1 min) 1.2 at the start and 2.5 at the end" in text
+    assert "Suite wall time: 14.0 min (--quick sizes)." in text
