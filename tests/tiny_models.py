@@ -51,6 +51,25 @@ class SometimesNaN(torch.nn.Module):
         return {"loss": loss * float("nan") if samples["bad"] else loss}
 
 
+def train_sometimes_nan(flags, check=None, *, device="cpu", max_in_row=5, max_grad_norm=1.0, log_freq=100):
+    """One epoch of the task loop over :class:`SometimesNaN` with fused AdamW, batch ``i`` NaN where ``flags[i]``;
+    ``check``: ``run.nonfinite_check``. Returns (model, optimizer, loop, epoch stats)."""
+    from lavis.common.optims import LinearWarmupCosineLRScheduler
+
+    from lavis_ext.runners.loop import TrainLoop
+    from lavis_ext.tasks.captioning import CaptionTaskExt
+
+    model = SometimesNaN().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
+    task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
+    loop = TrainLoop(OmegaConf.create({"max_nonfinite_in_row": max_in_row, "max_grad_norm": max_grad_norm,
+                                       "nonfinite_check": check}))
+    loader = iter([{"x": torch.full((1,), 1.0 + 0.1 * i), "bad": bad} for i, bad in enumerate(flags)])
+    stats = loop.run_epoch(task, 0, len(flags), model, loader, optimizer, scheduler, log_freq=log_freq)
+    return model, optimizer, loop, stats
+
+
 def retask(project, task: str, out_dir) -> "Path":
     """``project`` (a YAML path) written to ``out_dir`` as a project of ``task``: the task swapped and the run
     options only the old task reads dropped (the config check refuses them for ``task``)."""

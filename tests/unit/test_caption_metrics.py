@@ -16,6 +16,7 @@ import pytest
 
 from lavis_ext.evaluation import best_constant_caption, evaluate_captions
 from lavis_ext.evaluation import caption_metrics as cm
+from lavis_ext.evaluation import text_server
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java is needed for PTB tokenisation")
 
@@ -78,13 +79,6 @@ def _child_pids() -> set[int]:
     return children
 
 
-def _server_pids() -> set[int]:
-    """The JVMs this process keeps up between calls on purpose (lavis_ext.evaluation.text_server)."""
-    from lavis_ext.evaluation import text_server
-
-    return text_server.live_pids()
-
-
 @pytest.fixture(autouse=True)
 def _fresh_reference_memo():
     """Each test starts without remembered references (the memo is per process; its own test is below)."""
@@ -109,7 +103,7 @@ def full_run(tmp_path_factory):
         "result": result,
         "site_packages_changed": {k for k in set(before) | set(after) if before.get(k) != after.get(k)},
         "new_children": _child_pids() - children_before,
-        "servers": _server_pids(),
+        "servers": text_server.live_pids(),  # the JVMs kept up between calls on purpose
         "work": work,
     }
 
@@ -311,7 +305,7 @@ def test_meteor_watchdog_stops_a_stuck_jvm(tmp_path, monkeypatch):
             pytest.warns(RuntimeWarning, match="did not answer within .*JVM of its own"):
         evaluate_captions({1: "a dog"}, {1: ["a dog"]}, metrics=["METEOR"], work_dir=tmp_path)
     # the servers that timed out were stopped too (the next call starts new ones); nothing else is left running
-    assert _child_pids() - children - _server_pids() == set()
+    assert _child_pids() - children - text_server.live_pids() == set()
 
 
 @needs_java

@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lavis.common.optims import LinearWarmupCosineLRScheduler
-from omegaconf import OmegaConf
-from tiny_models import SometimesNaN, images, tiny_model
+from tiny_models import images, tiny_model, train_sometimes_nan
 
 from lavis_ext.models import decode
-from lavis_ext.runners.loop import TrainLoop
-from lavis_ext.tasks.captioning import CaptionTaskExt
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def train_on_cuda(flags, check):
-    device = torch.device("cuda")
-    model = SometimesNaN().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
-    scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
-    loop = TrainLoop(OmegaConf.create({"max_nonfinite_in_row": 5, "max_grad_norm": 1.0, "nonfinite_check": check}))
-    batches = iter([{"x": torch.full((1,), 1.0 + 0.1 * i), "bad": bad} for i, bad in enumerate(flags)])
-    loop.run_epoch(CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False), 0, len(flags), model, batches,
-                   optimizer, scheduler, log_freq=100)
+    model, optimizer, loop, _ = train_sometimes_nan(flags, check, device="cuda")
     deferred = loop._deferred is not None  # the check the loop resolved for the epoch (kept until the next one)
     return model, optimizer.state[model.weight], loop.state, deferred
 

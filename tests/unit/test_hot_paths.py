@@ -10,7 +10,7 @@ import pytest
 import torch
 from lavis.common.optims import LinearWarmupCosineLRScheduler
 from omegaconf import OmegaConf
-from tiny_models import SometimesNaN
+from tiny_models import SometimesNaN, train_sometimes_nan
 
 from lavis_ext.models.llm_specs import OPT
 from lavis_ext.runners.loop import TrainLoop
@@ -85,22 +85,10 @@ def test_nonfinite_gradient_norm_is_named_and_skipped(caplog):
 
 # ---- run.nonfinite_check: deferred (the GPU default), forced here on a CPU -------------------------------------
 
-def run_adamw(flags, check, max_in_row=5, max_grad_norm=1.0, log_freq=100):
-    model = SometimesNaN()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
-    scheduler = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=0.1, init_lr=0.1)
-    task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=False)
-    loop = TrainLoop(OmegaConf.create({"max_nonfinite_in_row": max_in_row, "max_grad_norm": max_grad_norm,
-                                       "nonfinite_check": check}))
-    loader = iter([{"x": torch.full((1,), 1.0 + 0.1 * i), "bad": bad} for i, bad in enumerate(flags)])
-    stats = loop.run_epoch(task, 0, len(flags), model, loader, optimizer, scheduler, log_freq=log_freq)
-    return model, optimizer, loop, stats
-
-
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0])
 def test_deferred_check_gives_the_weights_and_counts_of_the_per_step_check(max_grad_norm):
     flags = [False, True, False, True, True, False, False, True]
-    runs = {check: run_adamw(flags, check, max_grad_norm=max_grad_norm) for check in ("step", "deferred")}
+    runs = {check: train_sometimes_nan(flags, check, max_grad_norm=max_grad_norm) for check in ("step", "deferred")}
     (m1, o1, l1, s1), (m2, o2, l2, s2) = runs["step"], runs["deferred"]
     assert torch.equal(m1.weight, m2.weight) and m1.weight.item() != 1.0  # good steps updated, bad ones skipped alike
     st1, st2 = o1.state[m1.weight], o2.state[m2.weight]
@@ -111,15 +99,15 @@ def test_deferred_check_gives_the_weights_and_counts_of_the_per_step_check(max_g
 
 
 def test_deferred_check_reads_the_device_only_at_log_lines_and_the_epoch_end(host_reads):
-    run_adamw([False] * 12, "deferred", log_freq=4)
+    train_sometimes_nan([False] * 12, "deferred", log_freq=4)
     # per log line (3): the skip counts and the loss; at the epoch end: the counts and the mean loss
     assert host_reads["n"] == 3 * 2 + 2
 
 
 def test_deferred_check_stops_the_run_at_the_next_read_after_too_many_in_a_row():
     with pytest.raises(FloatingPointError, match=r"3 non-finite losses/gradients in a row \(step 8,"):
-        run_adamw([False, True, True, True, False, False, False, False], "deferred", max_in_row=3, log_freq=8)
-    model, _, loop, _ = run_adamw([False, True, True, False] * 2, "deferred", max_in_row=3, log_freq=4)
+        train_sometimes_nan([False, True, True, True, False, False, False, False], "deferred", max_in_row=3, log_freq=8)
+    model, _, loop, _ = train_sometimes_nan([False, True, True, False] * 2, "deferred", max_in_row=3, log_freq=4)
     assert loop.state.nonfinite_steps == 4  # never 3 in a row: no stop
 
 
