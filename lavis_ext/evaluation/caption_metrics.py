@@ -645,9 +645,10 @@ class _ServedMeteor:
     its first caption, on the critical path of every call; warm servers scored 5,000 x 5 new-reference calls in
     3.3 s against 4.2 s with a JVM per call (interleaved A/B, tiered JIT; with the client JIT the servers use,
     3.6-3.9 s, and a first call of 4.2-4.5 s instead of 6.2-7.3 s: ``text_server._FLAGS``). The SCORE lines and
-    the one EVAL line are the ones :class:`_MeteorProcess` sends, answered by the same code, so the statistics and the score are the same (tests compare them). EVAL
-    reads no paraphrase: it runs with an empty table, whose scorer is quick to build. Where the server fails, the
-    step runs in a :class:`_MeteorProcess` of its own instead, with a warning.
+    the one EVAL line are the ones :class:`_MeteorProcess` sends, answered by the same code, so the statistics and
+    the score are the same (tests compare them). EVAL reads no paraphrase: it runs with an empty table, whose
+    scorer is quick to build. Where the server fails, the step runs in a :class:`_MeteorProcess` of its own
+    instead, with a warning.
     """
 
     def __init__(self, java: str, work_dir: str, timeout: float, paraphrase_table: Path, slot: int):
@@ -666,12 +667,12 @@ class _ServedMeteor:
             Path(name).unlink(missing_ok=True)
             out.unlink(missing_ok=True)
 
-    def _in_own_process(self, step: str, exc: Exception, method: str, argument):
-        """``_MeteorProcess.<method>(argument)`` in a METEOR JVM of its own, after the server failed ``step``."""
+    def _in_own_process(self, step: str, exc: Exception, run):
+        """``run(process)`` on a METEOR JVM of its own (closed after), once the server failed ``step``."""
         warnings.warn(f"{exc}; METEOR's {step} runs in a JVM of its own", RuntimeWarning, stacklevel=3)
         process = _MeteorProcess(self.java, self.work_dir, self.timeout, self.table)
         try:
-            return getattr(process, method)(argument)
+            return run(process)
         finally:
             process.close()
 
@@ -680,7 +681,7 @@ class _ServedMeteor:
         try:
             stats = self._run(lines, self.table)
         except text_server.TextServerError as exc:
-            return self._in_own_process("scoring", exc, "statistics", lines)
+            return self._in_own_process("scoring", exc, lambda process: process.statistics(lines))
         if len(stats) != len(lines) or (lines and not stats[-1].strip()):
             raise RuntimeError(f"METEOR answered {len(stats)} statistics lines for {len(lines)} captions")
         return [line.strip() for line in stats]
@@ -695,7 +696,7 @@ class _ServedMeteor:
         try:
             answer = self._run([eval_line], empty)
         except text_server.TextServerError as exc:
-            return self._in_own_process("EVAL", exc, "evaluate", stats)
+            return self._in_own_process("EVAL", exc, lambda process: process.evaluate(stats))
         finally:
             empty.unlink(missing_ok=True)
         return float(answer[-1].strip())  # per-line scores, then the total
