@@ -6,8 +6,8 @@
 # alternate run by run after warm-up and are timed with CUDA events; the first call and compile time are reported
 # apart, losses and captions compared. See bench/gpu_step.py for exactly what each side runs. A torch.compile A/B
 # is a separate run: bench/gpu.sh --compile (one lever per A/B), and so is the training loop's non-finite
-# check: bench/gpu.sh --nonfinite-check step (the default on a GPU is deferred: no host sync per step). Needs the synthetic tokenizers (make data; on a device
-# machine carry data/synthetic/tokenizers) and no network. Results: $OUT/gpu.json when $OUT is set (device runs),
+# check: bench/gpu.sh --nonfinite-check step (the default on a GPU is deferred: no host sync per step). Needs the
+# synthetic tokenizers (make data; on a device machine carry data/synthetic/tokenizers) and no network. Results: $OUT/gpu.json when $OUT is set (device runs),
 # else bench/results/gpu.json, which `make bench` then shows in BENCHMARKS.md.
 # The device machines' image has torch, peft and timm but transformers 5.x and no LAVIS: carry wheels of
 # transformers==4.57.6, salesforce-lavis==1.0.2 (--no-deps) and LAVIS's light deps it imports (omegaconf,

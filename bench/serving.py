@@ -40,6 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, print_rows, process_cpu_seconds, resolve_runs, row, stat, write_json  # noqa: E402
 
+from lavis_ext.serve import batching  # noqa: E402  (stdlib only: the server's batching defaults)
+
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = REPO / "projects/tiny/caption_opt.yaml"
 # Wide enough that a forward pass (not HTTP) dominates a request; random init is fine for throughput.
@@ -261,17 +263,13 @@ def stop_groups(processes, grace_s: float = 30.0) -> None:
 def tail_note(results: dict, peer: str, max_batch: int) -> str:
     """Why p99 at 32 clients sits near a batching peer's, from the runs: the tail (p99 - p50) against one batch's
     model time."""
-    import numpy as np
-
-    def median(values):
-        return float(np.median(values))
-
-    tail = {name: median([m["p99"] - m["p50"] for m in results[name][32]]) for name in ("ours", peer)}
+    tail = {name: stat(name, [m["p99"] - m["p50"] for m in results[name][32]])["median"] for name in ("ours", peer)}
     model_ms = [m["model_cpu_ms"] for m in results["ours"][32] if "model_cpu_ms" in m]
     if not model_ms:
         return ""
     return (f"; p99 - p50 (medians): ours {tail['ours']:.0f} ms, the peer {tail[peer]:.0f} ms, where a full batch of "
-            f"{max_batch} is ~{max_batch * median(model_ms):.0f} ms of model time on ours (/stats): a request that "
+            f"{max_batch} is ~{max_batch * stat('model', model_ms)['median']:.0f} ms of model time on ours (/stats): "
+            "a request that "
             "arrives just after a batch has started waits up to one batch on either server (both batch), so the "
             "tail stays under one batch on both and p99 ties within the run-to-run spread")
 
@@ -279,8 +277,10 @@ def tail_note(results: dict, peer: str, max_batch: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), runs=5, quick_runs=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server (default 1)")
-    parser.add_argument("--max-batch", type=int, default=16, help="our server's --max-batch (default 16, its default)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="our server's --max-wait-ms (default 5, its default)")
+    parser.add_argument("--max-batch", type=int, default=batching.DEFAULT_MAX_BATCH,
+                        help=f"our server's --max-batch (default {batching.DEFAULT_MAX_BATCH}, its default)")
+    parser.add_argument("--max-wait-ms", type=float, default=batching.DEFAULT_MAX_WAIT_MS,
+                        help=f"our server's --max-wait-ms (default {batching.DEFAULT_MAX_WAIT_MS:g}, its default)")
     parser.add_argument("--workers", type=int, default=2,
                         help="our server's --workers (default 2: one batch per core of the 2-core reference machine)")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
