@@ -55,7 +55,6 @@ DEFAULT_HOST = "127.0.0.1"
 # a millisecond, less than the hop to the thread pool and back adds to a lone request's latency (a 64 px PNG: ~60 µs
 # to decode). Larger ones go to the thread pool so that a multi-megapixel decode never stalls other requests.
 INLINE_DECODE_BYTES = 32 * 1024
-MODEL_PATHS = frozenset({"/v1/caption", "/v1/vqa", "/v1/batch/caption", "/v1/batch/vqa"})  # requests the batcher runs
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ class AnnounceArrivals:
     """Pure ASGI middleware: a request to a model endpoint counts as arriving at the batcher while its body is read
     and checked, until its jobs are queued (:meth:`MicroBatcher.arriving`), so a batch waits for it."""
 
-    def __init__(self, app, batcher: MicroBatcher, paths: frozenset):
+    def __init__(self, app, batcher: MicroBatcher, paths: set[str]):
         self.app, self.batcher, self.paths = app, batcher, paths
 
     async def __call__(self, scope, receive, send):
@@ -156,7 +155,9 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
     # large *declared* Content-Length in plain text, so that case is rejected first, in JSON, outside it.
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     app.add_middleware(DeclaredBodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AnnounceArrivals, batcher=batcher, paths=MODEL_PATHS)  # outermost: from the headers on
+    # outermost: from the headers on; the model endpoints (every POST route) are filled in once they are declared
+    model_paths: set[str] = set()
+    app.add_middleware(AnnounceArrivals, batcher=batcher, paths=model_paths)
 
     # ---- errors: one JSON shape ------------------------------------------------------------------
     @app.exception_handler(UploadError)
@@ -362,6 +363,7 @@ def create_app(predictor, settings: ServerSettings | None = None) -> FastAPI:
         answers = await run("vqa", pil_images, questions, decoding)
         return {"answers": [{"question": q, "answer": a} for q, a in zip(questions, answers)]}
 
+    model_paths.update(r.path for r in app.routes if "POST" in getattr(r, "methods", ()))  # the batcher's requests
     return app
 
 

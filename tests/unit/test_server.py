@@ -264,6 +264,11 @@ def test_bad_uploads_are_rejected_while_a_concurrent_good_request_succeeds(live)
     assert after.status_code == 200 and again.status_code == 200  # still serving
     # every request, rejected or served, stopped counting as arriving (else later batches would wait for ghosts)
     assert live.server.config.app.state.batcher._arriving == 0
+    # the requests announced as arriving are exactly the model endpoints (derived from the POST routes)
+    from lavis_ext.serve.server import AnnounceArrivals
+
+    announced = [m.kwargs["paths"] for m in live.server.config.app.user_middleware if m.cls is AnnounceArrivals]
+    assert announced == [{"/v1/caption", "/v1/batch/caption", "/v1/vqa", "/v1/batch/vqa"}]
 
 
 def test_batcher_error_reaches_only_its_own_batch(live):
